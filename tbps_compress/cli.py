@@ -1,0 +1,244 @@
+"""The ``tbps-compress`` command line. Thin: parse, call the library, print. Heavy imports happen inside commands
+so ``tbps-compress --help`` stays fast. User errors print one line and exit with code 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="tbps-compress",
+    help="Text-based person search: train a TBPS-CLIP teacher, distil, prune, export, quantise and benchmark it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"max_content_width": 120},
+)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+list_app = typer.Typer(help="List registered models, losses and dataset formats.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(list_app, name="list")
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: key.path=value.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, markup=False)], force=True)
+
+
+class RichProgress:
+    """Rich progress bar for the training loop (implements engine.train.Progress)."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+        self._task = None
+
+    def start(self, total: int, description: str) -> None:
+        self._p.start()
+        self._task = self._p.add_task(description, total=total, info="")
+
+    def update(self, step: int, info: dict[str, float]) -> None:
+        keys = [k for k in info if k.endswith("_loss")][:4]
+        text = f"loss {info['loss']:.3f} " + " ".join(f"{k[:-5]} {info[k]:.3f}" for k in keys)
+        text += f" | {info.get('samples_per_s', 0):.0f} samples/s"
+        self._p.update(self._task, completed=step, info=text)
+
+    def stop(self) -> None:
+        self._p.stop()
+
+
+def _print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _metrics_table(rows: dict[str, dict[str, float]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("split")
+    for k in ("R1", "R5", "R10", "mAP", "mINP"):
+        table.add_column(k, justify="right")
+    for name, m in rows.items():
+        table.add_row(name, *(f"{m[k]:.2f}" if k in m else "-" for k in ("R1", "R5", "R10", "mAP", "mINP")))
+    Console().print(table)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write (reid_raw.json + imgs/).")],
+    identities: Annotated[int, typer.Option(min=1, help="Number of identities.")] = 200,
+    images_per_id: Annotated[int, typer.Option(min=1, help="Images (views) per identity.")] = 4,
+    captions_per_image: Annotated[int, typer.Option(min=1, help="Captions per image.")] = 2,
+    size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "384x128",
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
+    preview: Annotated[Optional[Path], typer.Option(help="Also save a contact sheet PNG here.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: up to 2).")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Generate SynthPedes, the embedded procedural dataset (CUHK-PEDES format)."""
+    from .data.synthpedes import generate, save_preview
+
+    try:
+        h, w = (int(x) for x in size.lower().split("x"))
+    except ValueError as exc:
+        raise UserError(f"--size: expected HEIGHTxWIDTH such as 384x128, got {size!r}") from exc
+    summary = generate(out, identities=identities, images_per_id=images_per_id,
+                       captions_per_image=captions_per_image, size=(h, w), seed=seed, workers=workers, force=force)
+    if preview is not None:
+        save_preview(out, preview)
+    _print_json(summary)
+
+
+@data_app.command("stats")
+def data_stats(
+    root: Annotated[Path, typer.Argument(help="Dataset root.")],
+    format: Annotated[Optional[str], typer.Option("--format", help="Dataset format (default: detect).")] = None,
+) -> None:
+    """Print identities, images and captions per split as JSON."""
+    from .data.readers import load_dataset
+
+    ds = load_dataset(root, format)
+    _print_json({"format": ds.format, "annotation": str(ds.annotation), "splits": ds.stats()})
+
+
+@list_app.command("models")
+def list_models_cmd() -> None:
+    """Registered model configs."""
+    from .models.config import list_models
+
+    for name in list_models():
+        typer.echo(name)
+
+
+@list_app.command("losses")
+def list_losses_cmd() -> None:
+    """Registered loss terms."""
+    from .losses import list_losses
+
+    for name in list_losses():
+        typer.echo(name)
+
+
+@list_app.command("formats")
+def list_formats_cmd() -> None:
+    """Dataset formats the readers accept."""
+    from .data.readers import list_formats
+
+    for name in list_formats():
+        typer.echo(name)
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Train recipe YAML (see recipes/teacher/).")],
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    force: ForceOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train a TBPS-CLIP teacher and write an artifact folder."""
+    _setup_logging(verbose)
+    from .config import load_recipe
+    from .engine.train import Trainer
+    from .recipes import TrainRecipe
+
+    r = load_recipe(recipe, TrainRecipe, set_)
+    out = Trainer(r, progress=RichProgress()).run(resume=resume, force=force)
+    _report_artifact(out)
+
+
+def _report_artifact(out: Path) -> None:
+    m = json.loads((out / "metrics.json").read_text())
+    rows = {}
+    if m.get("val_best"):
+        rows["val (best)"] = m["val_best"]
+    if m.get("test"):
+        rows["test"] = m["test"]
+    _metrics_table(rows, f"{out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset root.")],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    format: Annotated[Optional[str], typer.Option("--format", help="Dataset format (default: detect).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the metrics JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+) -> None:
+    """Evaluate text-to-image retrieval (R@1/5/10, mAP, mINP) of an artifact on a dataset split."""
+    _setup_logging()
+    from .evaluation import evaluate_artifact
+
+    result = evaluate_artifact(artifact, data, split=split, format=format, device=device, batch_size=batch_size)
+    _metrics_table({split: result}, f"{artifact} on {data}")
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command("import")
+def import_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Local OpenAI (.pt TorchScript) or open_clip checkpoint.")],
+    config: Annotated[str, typer.Option("--config", help="Model config name or JSON path.")],
+    out: Annotated[Path, typer.Option("--out", help="Artifact folder to write.")],
+    force: ForceOpt = False,
+) -> None:
+    """Turn a local CLIP checkpoint into an artifact (for zero-shot eval or as a teacher)."""
+    _setup_logging()
+    from .artifacts import write_artifact, write_json
+    from .models.config import get_model_config
+    from .models.factory import count_parameters
+    from .models.io import import_checkpoint, save_model
+
+    cfg = get_model_config(config)
+    model = import_checkpoint(checkpoint, cfg)
+    with write_artifact(out, stage="import", force=force,
+                        extra_lineage={"source_checkpoint": str(checkpoint.resolve())}) as tmp:
+        save_model(model, tmp, cfg)
+        write_json(tmp / "metrics.json", {"parameters": count_parameters(model)})
+    typer.echo(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

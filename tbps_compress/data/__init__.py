@@ -1,0 +1,1 @@
+"""Datasets: one record format, readers for the TBPS benchmarks, the SynthPedes generator, transforms."""

@@ -1,0 +1,716 @@
+"""The training loop shared by the teacher trainer, distillation and pruning recovery.
+
+One optimiser step: embed the batch (all views the losses need), gather features across ranks (with gradient when
+``tricks.global_gradients``), compute the weighted loss set, back-propagate. With ``optim.grad_cache_chunk`` the
+batch is embedded without gradient in chunks, the loss is computed on the whole batch against cached embeddings,
+and each chunk is re-embedded with gradient and back-propagated with its cached embedding gradient (random states
+replayed so dropout matches): the same gradients as one big batch in the memory of one chunk.
+
+Checkpoints (every epoch, every ``checkpoint_every_steps``, and on SIGTERM) hold model, loss heads, optimiser,
+scaler, RNG states and the sampler position; ``resume`` continues to the same final weights as an uninterrupted
+run on CPU. The best epoch on the validation split is kept; the test split is evaluated once at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..artifacts import METRICS, RECIPE, check_output_dir, write_artifact, write_json
+from ..config import dump_recipe
+from ..data.loader import EpochBatchSampler, ImageStore, TrainSet, identity_subset, steps_per_epoch
+from ..data.records import TBPSDataset, remap_ids
+from ..errors import CheckpointError, ConfigError, UserError
+from ..losses import LossInputs, LossSet, make_modules
+from ..models.config import image_size_hw
+from ..models.factory import config_from_model, count_parameters, set_text_attn_dropout
+from ..models.io import save_model
+from ..models.tokenizer import get_tokenizer
+from ..recipes import TrainRecipe
+from . import dist
+from .evaluate import embed_split, retrieval_metrics
+
+log = logging.getLogger(__name__)
+
+CKPT_NAME = "last.ckpt"
+
+
+class Interrupted(UserError):
+    """Training stopped by SIGTERM/SIGINT after writing a checkpoint."""
+
+
+class Progress:
+    """Progress reporting hooks; the CLI passes a rich implementation, the default logs now and then."""
+
+    def start(self, total: int, description: str) -> None:
+        self._t0, self._total = time.time(), total
+
+    def update(self, step: int, info: dict[str, float]) -> None:
+        if step % 50 == 0:
+            log.info("step %d/%d %s", step, self._total, " ".join(f"{k}={v:.4g}" for k, v in info.items()))
+
+    def stop(self) -> None:
+        pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{name}' requested but CUDA is not available; use device: cpu or auto")
+    return dev
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for tensors with ndim < 2 or names containing bias / ln / bn (TBPS-CLIP)."""
+    decay, no_decay = [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        parts = name.lower().split(".")
+        if p.ndim < 2 or "bias" in name or any(part.startswith(("ln", "bn")) for part in parts):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, per_epoch: int, cfg) -> float:
+    """Linear warm-up from ``warmup_start_lr`` over ``warmup_epochs``, then cosine to ``min_lr`` (per iteration)."""
+    warm = int(round(cfg.warmup_epochs * per_epoch))
+    if step < warm:
+        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * step / max(1, warm)
+    rest = max(1, total - warm)
+    t = min(1.0, (step - warm) / rest)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(_as_tuple(st["python"]))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def recipe_hash(recipe: TrainRecipe) -> str:
+    data = recipe.model_dump(mode="json")
+    data.pop("output", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TeacherSpec:
+    """A frozen teacher for distillation: the model and, optionally, cached embeddings per sample index."""
+
+    model: nn.Module
+    artifact: Path
+    cache: dict[str, torch.Tensor] | None = None  # {"text": (N, D) per caption sample, "image": (N, D)}
+    hidden: bool = False
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+class Trainer:
+    """Trains ``model`` (or the recipe's model) on the recipe's data and writes an artifact folder."""
+
+    def __init__(
+        self,
+        recipe: TrainRecipe,
+        *,
+        model: nn.Module | None = None,
+        teacher: TeacherSpec | None = None,
+        stage: str = "train",
+        parent: Path | None = None,
+        progress: Progress | None = None,
+        extra_files: Callable[[Path], dict[str, Any]] | None = None,
+        dataset: TBPSDataset | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.stage = stage
+        self.parent = parent
+        self.teacher = teacher
+        self.progress = progress or Progress()
+        self.extra_files = extra_files
+        self._model_in = model
+        self._dataset_in = dataset
+        self._stop_signal: int | None = None
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _load_data(self) -> None:
+        from ..data.readers import carve_val, clean_caption, load_dataset
+
+        r = self.recipe
+        ds = self._dataset_in or load_dataset(Path(r.data.root), r.data.format, on_error=r.data.on_error)
+        if r.eval.val_split not in ds.splits():
+            ds = carve_val(ds, fraction=r.data.val_fraction, seed=r.seed)
+        self.dataset = ds
+        self.clean = clean_caption
+        train = identity_subset(ds.split("train"), r.data.train_fraction, r.seed)
+        if not train:
+            raise UserError(f"{ds.annotation}: no training records in split 'train'")
+        self.train_records = train
+        self.val_records = ds.split(r.eval.val_split)
+        self.test_records = ds.split(r.eval.test_split)
+        self.labels = remap_ids(train)
+        has_bt = any(rec.captions_bt for rec in train)
+        if r.augment.text.back_translation_p > 0 and not has_bt:
+            log.info("back-translation augmentation is off: %s has no captions_bt", ds.annotation)
+
+    def _build_model(self) -> nn.Module:
+        from ..models.factory import build_model
+        from ..models.io import import_checkpoint, load_model
+
+        r = self.recipe
+        if self._model_in is not None:
+            return self._model_in
+        if r.model.init_artifact:
+            return load_model(Path(r.model.init_artifact))
+        from ..models.config import get_model_config
+
+        cfg = get_model_config(r.model.config)
+        if r.model.checkpoint:
+            return import_checkpoint(Path(r.model.checkpoint), cfg)
+        torch.manual_seed(r.seed)
+        return build_model(cfg)
+
+    def _views(self) -> tuple[str, ...]:
+        needs = self.losses.needs
+        views = ["image"]
+        if "image_mvs" in needs:
+            views.append("image_mvs")
+        if "ssl_a" in needs or "ssl_b" in needs:
+            views.append("ssl_a")
+        return tuple(views)
+
+    # ----------------------------------------------------------------------------------------------- run
+    def run(self, *, resume: bool = False, force: bool = False) -> Path:
+        r = self.recipe
+        out = Path(r.output)
+        work = out.parent / f"{out.name}.ckpt"
+        started_dist = dist.setup_from_env()
+        try:
+            if r.optim.batch_size < dist.world_size():
+                raise ConfigError(
+                    f"optim.batch_size: {r.optim.batch_size} is smaller than the number of processes "
+                    f"({dist.world_size()}); use at least one sample per process"
+                )
+            if not resume:
+                check_output_dir(out, force)
+                if (work / CKPT_NAME).exists() and not force:
+                    raise UserError(f"{work}: a checkpoint of an earlier run exists; pass --resume to continue it "
+                                    "or --force to start over")
+            elif out.exists() and (out / "lineage.json").exists():
+                raise UserError(f"{out}: this run already finished; nothing to resume (use --force to retrain)")
+            return self._run(out, work, resume, force)
+        finally:
+            if started_dist:
+                dist.cleanup()
+
+    def _run(self, out: Path, work: Path, resume: bool, force: bool) -> Path:
+        r = self.recipe
+        self.device = device = resolve_device(r.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device if device.index is not None else dist.local_rank())
+        torch.manual_seed(r.seed)
+        random.seed(r.seed)
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.losses = LossSet({k: (dict(v) if v else {}) for k, v in r.losses.items()})
+        self._load_data()
+        model = self._build_model()
+        cfg = config_from_model(model) if not hasattr(model, "tbps_config") else model.tbps_config
+        model.tbps_config = cfg
+        self.model = model.to(device)
+        set_text_attn_dropout(model, r.tricks.text_attn_dropout)
+        model.visual.conv1.weight.requires_grad_(not r.tricks.freeze_patch_embed)
+        teacher_dim = None
+        if self.teacher is not None:
+            self.teacher.model.to(device).eval().requires_grad_(False)
+            teacher_dim = int(self.teacher.model.visual.proj.shape[1])
+        embed_dim = int(model.visual.proj.shape[1])
+        self.heads = make_modules(self.losses, embed_dim, len(self.labels), teacher_dim,
+                                  hidden_widths=self._hidden_widths()).to(device)
+        self.tokenizer = get_tokenizer(cfg, *self._vocab())
+        size = image_size_hw(cfg)
+        rank, world = dist.rank(), dist.world_size()
+        ds = self.dataset
+        train_imgs = ImageStore([ds.image_path(x) for x in self.train_records], size, cache=r.data.cache_images)
+        self.trainset = TrainSet(self.train_records, train_imgs, self.labels, self.tokenizer, r.augment,
+                                 views=self._views(), seed=r.seed, clean=self.clean)
+        b = r.optim.batch_size
+        per_epoch = steps_per_epoch(len(self.trainset), b, world)
+        if per_epoch < 1:
+            raise ConfigError(
+                f"optim.batch_size: {b} x {world} process(es) exceeds the {len(self.trainset)} training captions; "
+                "use a smaller batch"
+            )
+        self.per_epoch = per_epoch
+        total = per_epoch * r.optim.epochs
+        if r.optim.max_steps:
+            total = min(total, r.optim.max_steps)
+        self.total_steps = total
+        sampler = EpochBatchSampler(len(self.trainset), b, r.seed, rank, world)
+        loader = DataLoader(self.trainset, batch_sampler=sampler, num_workers=r.data.num_workers,
+                            persistent_workers=False)
+        named = list(model.named_parameters()) + [(f"heads.{n}", p) for n, p in self.heads.named_parameters()]
+        self.optimizer = torch.optim.AdamW(param_groups(named, r.optim.weight_decay), lr=r.optim.lr,
+                                           betas=r.optim.betas, eps=r.optim.eps)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.val_store = ImageStore([ds.image_path(x) for x in self.val_records], size, cache=r.data.cache_images)
+        state = TrainState()
+        best_state: dict[str, torch.Tensor] | None = None
+        work.mkdir(parents=True, exist_ok=True)
+        log_path = work / "train_log.csv"
+        if resume:
+            state, best_state = self._load_checkpoint(work / CKPT_NAME)
+        elif log_path.exists():
+            log_path.unlink()
+        self._trim_log(log_path, state.global_step)
+        logger = _CsvLog(log_path)
+        tb = _tensorboard(work) if dist.is_main() else None
+        old_handlers = self._install_signal_handlers()
+        self.progress.start(total, f"{self.stage} {out.name}")
+        t_start = time.time() - state.elapsed_s
+        stop = False
+        try:
+            while state.epoch < r.optim.epochs and not stop:
+                self.trainset.epoch = state.epoch
+                sampler.set_epoch(state.epoch, state.step_in_epoch)
+                model.train()
+                t_last = time.time()
+                for batch in loader:
+                    lr = lr_at(state.global_step, total, per_epoch, r.optim)
+                    for g in self.optimizer.param_groups:
+                        g["lr"] = lr
+                    progress = state.epoch + state.step_in_epoch / per_epoch
+                    terms = self.step(batch, progress)
+                    state.step_in_epoch += 1
+                    state.global_step += 1
+                    now = time.time()
+                    info = {"loss": terms.pop("loss"), **terms, "lr": lr,
+                            "temperature": 1.0 / float(model.logit_scale.exp().clamp(max=100)),
+                            "samples_per_s": b * world / max(1e-9, now - t_last)}
+                    t_last = now
+                    if dist.is_main():
+                        logger.write({"step": state.global_step, "epoch": progress, **info})
+                        if tb is not None:
+                            for k, v in info.items():
+                                tb.add_scalar(k, v, state.global_step)
+                    self.progress.update(state.global_step, info)
+                    state.elapsed_s = time.time() - t_start
+                    budget_hit = (r.optim.max_steps and state.global_step >= r.optim.max_steps) or (
+                        r.optim.time_budget_s and state.elapsed_s >= r.optim.time_budget_s)
+                    if budget_hit:
+                        stop = True
+                        break
+                    if self._stop_signal is not None:
+                        self._save_checkpoint(work / CKPT_NAME, state, best_state)
+                        raise Interrupted(
+                            f"stopped by signal {self._stop_signal}; checkpoint saved in {work}; "
+                            "continue with --resume"
+                        )
+                    if r.checkpoint_every_steps and state.global_step % r.checkpoint_every_steps == 0:
+                        self._save_checkpoint(work / CKPT_NAME, state, best_state)
+                epoch_done = state.step_in_epoch >= per_epoch
+                if epoch_done or stop:
+                    if epoch_done:
+                        state.epoch += 1
+                        state.step_in_epoch = 0
+                    if stop or state.epoch % r.eval.every_epochs == 0 or state.epoch >= r.optim.epochs:
+                        val = self._evaluate(self.val_records, self.val_store)
+                        log.info("epoch %d val %s", state.epoch, _fmt(val))
+                        if not state.best or val["R1"] > state.best["R1"]:
+                            state.best = {**val, "epoch": state.epoch, "step": state.global_step}
+                            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    self._save_checkpoint(work / CKPT_NAME, state, best_state)
+        finally:
+            self.progress.stop()
+            self._restore_signal_handlers(old_handlers)
+            logger.close()
+            if tb is not None:
+                tb.close()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        test = self._evaluate(self.test_records, None)
+        log.info("test %s", _fmt(test))
+        result = out
+        if dist.is_main():
+            result = self._write_artifact(out, work, state, test, force)
+        dist.barrier()
+        return result
+
+    # ----------------------------------------------------------------------------------------------- step
+    def _amp_dtype(self) -> torch.dtype | None:
+        p = self.recipe.optim.precision
+        if self.device.type != "cuda" or p == "fp32":
+            return None
+        if p == "fp16":
+            return torch.float16
+        return torch.bfloat16
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def _embed(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> dict[str, torch.Tensor]:
+        m = self.model
+        hooks, captured = self._hidden_hooks(m, "student") if hidden else ([], {})
+        try:
+            with self._autocast():
+                out = {"image": F.normalize(m.encode_image(batch["image"]).float(), dim=-1),
+                       "text": F.normalize(m.encode_text(batch["text"]).float(), dim=-1)}
+                if "image_mvs" in batch:
+                    out["image_mvs"] = F.normalize(m.encode_image(batch["image_mvs"]).float(), dim=-1)
+                if "ssl_a" in batch:
+                    out["ssl_a"] = m.encode_image(batch["ssl_a"]).float()
+                    out["ssl_b"] = m.encode_image(batch["ssl_b"]).float()
+        finally:
+            for h in hooks:
+                h.remove()
+        for k, v in captured.items():
+            out[f"hidden:{k}"] = v.float()
+        return out
+
+    def _hidden_hooks(self, model: nn.Module, who: str) -> tuple[list, dict[str, torch.Tensor]]:
+        from ..models.factory import tower_blocks
+
+        captured: dict[str, torch.Tensor] = {}
+        hooks = []
+        for tower in ("vision", "text"):
+            blk = tower_blocks(model, tower)[-1]
+
+            def hook(_m, _i, o, name=f"{tower}.last"):
+                captured[name] = o
+
+            hooks.append(blk.register_forward_hook(hook))
+        return hooks, captured
+
+    def _hidden_widths(self) -> dict[str, tuple[int, int]] | None:
+        if self.teacher is None or "kd_hidden" not in self.losses:
+            return None
+        s, t = self._model_widths(self._build_model_ref()), self._model_widths(self.teacher.model)
+        return {k: (s[k], t[k]) for k in s}
+
+    def _build_model_ref(self) -> nn.Module:
+        return self.model
+
+    @staticmethod
+    def _model_widths(m: nn.Module) -> dict[str, int]:
+        return {"vision.last": int(m.visual.conv1.out_channels), "text.last": int(m.token_embedding.embedding_dim)}
+
+    def _vocab(self) -> tuple[dict[int, int] | None, int | None]:
+        vm = getattr(self.model, "tbps_vocab_map", None)
+        return (vm, getattr(self.model, "tbps_unk_id", None)) if vm else (None, None)
+
+    @torch.no_grad()
+    def _teacher_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        t = self.teacher
+        if t is None:
+            return {}
+        out: dict[str, torch.Tensor] = {}
+        if t.cache is not None and "index" in batch:
+            idx = batch["index"].cpu()
+            out["teacher_text"] = t.cache["text"][idx].to(self.device)
+        tok = batch.get("teacher_text_tokens", batch["text"])
+        hooks, captured = self._hidden_hooks(t.model, "teacher") if t.hidden else ([], {})
+        try:
+            with self._autocast():
+                out["teacher_image"] = F.normalize(t.model.encode_image(batch["image"]).float(), dim=-1)
+                if "teacher_text" not in out:
+                    out["teacher_text"] = F.normalize(t.model.encode_text(tok).float(), dim=-1)
+        finally:
+            for h in hooks:
+                h.remove()
+        for k, v in captured.items():
+            out[f"teacher_hidden:{k}"] = v.float()
+        return out
+
+    def _loss(self, emb: dict[str, torch.Tensor], pids: torch.Tensor, teach: dict[str, torch.Tensor],
+              progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        glob = self.recipe.tricks.global_gradients
+
+        def gather(x: torch.Tensor) -> torch.Tensor:
+            if dist.world_size() == 1:
+                return x
+            if glob:
+                return dist.all_gather_with_grad(x)
+            full = dist.all_gather_nograd(x.detach())
+            b = x.shape[0]
+            r = dist.rank()
+            return torch.cat([full[:r * b], x, full[(r + 1) * b:]])
+
+        inputs = LossInputs(
+            image=emb["image"], text=emb["text"], pids=pids, logit_scale=self.model.logit_scale,
+            all_image=gather(emb["image"]), all_text=gather(emb["text"]),
+            all_pids=dist.all_gather_nograd(pids) if dist.world_size() > 1 else pids,
+            progress=progress, modules=dict(self.heads.items()),
+        )
+        if "image_mvs" in emb:
+            inputs.image_mvs = emb["image_mvs"]
+            inputs.all_image_mvs = gather(emb["image_mvs"])
+        if "ssl_a" in emb:
+            inputs.ssl_a, inputs.ssl_b = emb["ssl_a"], emb["ssl_b"]
+        if teach:
+            inputs.teacher_image = teach["teacher_image"]
+            inputs.teacher_text = teach["teacher_text"]
+            if dist.world_size() > 1:
+                inputs.all_teacher_image = dist.all_gather_nograd(teach["teacher_image"])
+                inputs.all_teacher_text = dist.all_gather_nograd(teach["teacher_text"])
+            hid = {k.split(":", 1)[1]: v for k, v in emb.items() if k.startswith("hidden:")}
+            thid = {k.split(":", 1)[1]: v for k, v in teach.items() if k.startswith("teacher_hidden:")}
+            if hid:
+                inputs.student_hidden, inputs.teacher_hidden = hid, thid
+        return self.losses(inputs)
+
+    def step(self, batch: dict[str, torch.Tensor], progress: float) -> dict[str, float]:
+        """One optimiser step on a local batch; returns the logged loss terms."""
+        dev = self.device
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        pids = batch["pid"]
+        hidden = self.teacher is not None and self.teacher.hidden
+        teach = self._teacher_outputs(batch)
+        chunk = self.recipe.optim.grad_cache_chunk
+        self.optimizer.zero_grad(set_to_none=True)
+        n = pids.shape[0]
+        if chunk is None or chunk >= n:
+            emb = self._embed(batch, hidden=hidden)
+            loss, terms = self._loss(emb, pids, teach, progress)
+            self.scaler.scale(loss).backward()
+        else:
+            if hidden:
+                raise ConfigError("optim.grad_cache_chunk cannot be combined with the kd_hidden loss")
+            loss, terms = self._cached_backward(batch, pids, teach, progress, chunk)
+        self._reduce_grads()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+        out = {k: float(v) for k, v in terms.items()}
+        out["loss"] = float(loss.detach())
+        return out
+
+    def _cached_backward(self, batch, pids, teach, progress, chunk):
+        keys = [k for k in ("image", "text", "image_mvs", "ssl_a", "ssl_b") if k in batch]
+        n = pids.shape[0]
+        slices = [slice(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+        states, parts = [], []
+        with torch.no_grad():
+            for sl in slices:
+                states.append(_rng_state(self.device))
+                parts.append(self._embed({k: batch[k][sl] for k in keys}))
+        cached = {k: torch.cat([p[k] for p in parts]).detach().requires_grad_(True) for k in parts[0]}
+        loss, terms = self._loss(cached, pids, teach, progress)
+        self.scaler.scale(loss).backward()
+        end_state = _rng_state(self.device)
+        for sl, st in zip(slices, states, strict=True):
+            _set_rng_state(st, self.device)
+            emb = self._embed({k: batch[k][sl] for k in keys})
+            surrogate = sum((emb[k] * cached[k].grad[sl]).sum() for k in emb)
+            surrogate.backward()
+        _set_rng_state(end_state, self.device)
+        return loss, terms
+
+    def _reduce_grads(self) -> None:
+        if dist.world_size() == 1:
+            return
+        world = dist.world_size()
+        params = [p for p in list(self.model.parameters()) + list(self.heads.parameters()) if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad.div_(world)
+
+    # ----------------------------------------------------------------------------------------------- eval / io
+    def _evaluate(self, records, store) -> dict[str, float]:
+        if not records:
+            return {}
+        ds = self.dataset
+        emb = embed_split(self.model, records, [ds.image_path(x) for x in records], self.tokenizer, self.clean,
+                          batch_size=self.recipe.eval.batch_size, device=self.device, images=store)
+        return retrieval_metrics(emb)
+
+    def _checkpoint_payload(self, state: TrainState, best_state) -> dict[str, Any]:
+        return {
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
+                      "global_step": state.global_step, "best": state.best, "elapsed_s": state.elapsed_s},
+            "rng": _rng_state(self.device),
+            "best_state": best_state,
+            "model_config": json.dumps(self.model.tbps_config, sort_keys=True),
+            "recipe_hash": recipe_hash(self.recipe),
+        }
+
+    def _save_checkpoint(self, path: Path, state: TrainState, best_state) -> None:
+        if not dist.is_main():
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            torch.save(self._checkpoint_payload(state, best_state), tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint "
+                            "is kept; free space or fix permissions, then --resume") from exc
+
+    def _load_checkpoint(self, path: Path) -> tuple[TrainState, dict | None]:
+        if not path.exists():
+            raise UserError(f"{path}: no checkpoint to resume from; start without --resume")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a user-facing error
+            raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "
+                                  "start over with --force") from exc
+        mine = json.dumps(self.model.tbps_config, sort_keys=True)
+        if ck.get("model_config") != mine:
+            raise CheckpointError(f"{path}: checkpoint is for another architecture than model "
+                                  f"'{self.recipe.model.config}'; use the recipe it was written with or --force")
+        if ck.get("recipe_hash") != recipe_hash(self.recipe):
+            log.warning("%s: the recipe changed since this checkpoint was written; resuming anyway", path)
+        self.model.load_state_dict(ck["model"])
+        self.heads.load_state_dict(ck["heads"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        _set_rng_state(ck["rng"], self.device)
+        s = ck["state"]
+        state = TrainState(epoch=s["epoch"], step_in_epoch=s["step_in_epoch"], global_step=s["global_step"],
+                           best=s["best"], elapsed_s=s.get("elapsed_s", 0.0))
+        log.info("resumed from %s at epoch %d step %d", path, state.epoch, state.global_step)
+        return state, ck.get("best_state")
+
+    @staticmethod
+    def _trim_log(path: Path, step: int) -> None:
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        keep = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= step]
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(keep)
+
+    def _write_artifact(self, out: Path, work: Path, state: TrainState, test: dict, force: bool) -> Path:
+        r = self.recipe
+        params = count_parameters(self.model)
+        with write_artifact(out, stage=self.stage, parent=self.parent, force=force) as tmp:
+            save_model(self.model, tmp)
+            vm = getattr(self.model, "tbps_vocab_map", None)
+            if vm:
+                write_json(tmp / "vocab_map.json", {str(k): v for k, v in vm.items()})
+                write_json(tmp / "tokenizer.json", {"unk_id": getattr(self.model, "tbps_unk_id", None)})
+            dump_recipe(r, tmp / RECIPE)
+            metrics = {"test": test, "val_best": state.best, "split": r.eval.test_split,
+                       "dataset": str(Path(r.data.root)), "parameters": params,
+                       "steps": state.global_step, "train_seconds": round(state.elapsed_s, 1)}
+            if self.extra_files is not None:
+                metrics.update(self.extra_files(tmp) or {})
+            write_json(tmp / METRICS, metrics)
+            if (work / "train_log.csv").exists():
+                (tmp / "train_log.csv").write_bytes((work / "train_log.csv").read_bytes())
+        for f in work.glob("*"):
+            if f.is_file():
+                f.unlink()
+        with contextlib.suppress(OSError):
+            work.rmdir()
+        return out
+
+    def _install_signal_handlers(self):
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        old = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, handler)
+        except ValueError:  # not in the main thread
+            return {}
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old) -> None:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+class _CsvLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = None
+        self._fields: list[str] | None = None
+        if path.exists() and path.stat().st_size:
+            with open(path, newline="") as f:
+                self._fields = next(csv.reader(f), None)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._f is None:
+            new = self._fields is None
+            self._f = open(self.path, "a", newline="")  # noqa: SIM115 - kept open across steps
+            if new:
+                self._fields = list(row)
+                csv.writer(self._f).writerow(self._fields)
+        csv.writer(self._f).writerow([_cell(row.get(k)) for k in self._fields])
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def _cell(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def _tensorboard(work: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(work / "tb"))
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in m.items())
+
+

@@ -1,0 +1,1 @@
+"""tbps_compress.export"""

@@ -1,0 +1,180 @@
+"""Saving and loading model weights without pickled code.
+
+- Artifacts store ``model_config.json`` + ``weights.safetensors``; models are rebuilt from the config alone.
+- Local CLIP checkpoints: open_clip state dicts (``.safetensors``, or ``.bin`` / ``.pt`` / ``.pth`` read with
+  ``torch.load(weights_only=True)``) and OpenAI's TorchScript archives (``ViT-B-16.pt``, read with
+  ``torch.jit.load``, which runs no Python pickle; only its tensors are kept).
+- Visual position embeddings are resized bilinearly on the patch grid, text ones linearly over the context.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..artifacts import MODEL_CONFIG, WEIGHTS, Artifact, open_artifact
+from ..errors import ArtifactError, CheckpointError
+from .config import dump_model_config, image_size_hw, validate_model_config
+from .factory import build_model, config_from_model
+
+log = logging.getLogger(__name__)
+
+
+def save_model(model: nn.Module, folder: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``model_config.json`` (read back from the module, so pruned shapes are exact) and
+    ``weights.safetensors``. Returns the config written."""
+    from safetensors.torch import save_file
+
+    cfg = config_from_model(model, cfg if cfg is not None else getattr(model, "tbps_config", None))
+    folder = Path(folder)
+    dump_model_config(cfg, folder / MODEL_CONFIG)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": "tbps_compress"})
+    return cfg
+
+
+def load_model(source: Path | Artifact, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
+    """Rebuild a model from an artifact folder (config + safetensors), hash-verified by default."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    art = source if isinstance(source, Artifact) else open_artifact(Path(source), verify=verify)
+    if art.model_config is None or not (art.path / WEIGHTS).exists():
+        raise ArtifactError(
+            f"{art.path}: not a PyTorch artifact ({MODEL_CONFIG} and {WEIGHTS} expected); "
+            "ONNX artifacts are used through tbps_compress.runtime"
+        )
+    cfg = validate_model_config(art.model_config, source=str(art.path / MODEL_CONFIG))
+    model = build_model(cfg)
+    try:
+        state = load_file(str(art.path / WEIGHTS), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{art.path / WEIGHTS}: cannot be read as safetensors ({exc})") from exc
+    load_state_dict_checked(model, state, source=str(art.path / WEIGHTS))
+    return model.to(device)
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[:3]}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) e.g. {shapes[:3]} (checkpoint vs model)")
+        raise CheckpointError(f"{source}: weights do not fit the architecture: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local checkpoint file, never unpickling arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if _is_torchscript(path):
+        try:
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: TorchScript archive cannot be read ({exc})") from exc
+        return {k: v.detach().clone() for k, v in scripted.state_dict().items()}
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: the file holds pickled objects other than tensors (possibly code); only plain "
+            f"state dicts are loaded ({str(exc).splitlines()[0]})"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def convert_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename open_clip / OpenAI ``nn.MultiheadAttention`` keys to :class:`PrunableAttention` ones and drop
+    buffers the model rebuilds itself."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+            continue
+        k = k.replace(".attn.in_proj_weight", ".attn.qkv.weight").replace(".attn.in_proj_bias", ".attn.qkv.bias")
+        k = k.replace(".attn.out_proj.", ".attn.proj.")
+        out[k] = v
+    return out
+
+
+def resize_position_embeddings(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Interpolate visual position embeddings (bilinear on the patch grid) and text ones (linear) to the config."""
+    state = dict(state)
+    key = "visual.positional_embedding"
+    if key in state:
+        pe = state[key]
+        h, w = image_size_hw(cfg)
+        p = cfg["vision_cfg"]["patch_size"]
+        gh, gw = h // p, w // p
+        if pe.shape[0] != gh * gw + 1:
+            old = pe.shape[0] - 1
+            side = int(math.isqrt(old))
+            if side * side != old:
+                raise CheckpointError(f"{key}: cannot infer the patch grid of {old} positions (not square)")
+            grid = pe[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+            grid = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
+            grid = grid.permute(0, 2, 3, 1).reshape(gh * gw, -1).to(pe.dtype)
+            state[key] = torch.cat([pe[:1], grid], dim=0)
+            log.info("resized visual position embeddings from %dx%d to %dx%d", side, side, gh, gw)
+    key = "positional_embedding"
+    if key in state:
+        pe = state[key]
+        n = cfg["text_cfg"]["context_length"]
+        if pe.shape[0] != n:
+            seq = pe.t().unsqueeze(0).float()
+            seq = F.interpolate(seq, size=n, mode="linear", align_corners=False)
+            state[key] = seq[0].t().to(pe.dtype).contiguous()
+            log.info("resized text position embeddings from %d to %d", pe.shape[0], n)
+    return state
+
+
+def import_checkpoint(path: Path, cfg: dict[str, Any]) -> nn.Module:
+    """A model of architecture ``cfg`` initialised from a local OpenAI / open_clip checkpoint file."""
+    state = read_checkpoint(Path(path))
+    state = convert_open_clip_state(state)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state = resize_position_embeddings(state, cfg)
+    model = build_model(cfg)
+    load_state_dict_checked(model, state, source=str(path))
+    return model

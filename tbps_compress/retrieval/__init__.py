@@ -1,0 +1,3 @@
+"""tbps_compress.retrieval"""
+
+from .metrics import metrics as metrics
