@@ -239,8 +239,9 @@ def choose_content(facts: dict[str, Any], rng: np.random.Generator) -> dict[str,
         c["held"] = (kind, colour if kind == "umbrella" and rng.random() < 0.5 else None)
     if "hair" in c:
         style, colour = c["hair"]
-        if colour is not None and rng.random() < 0.15:
-            colour = None
+        if colour is not None:
+            # the hair colour word is part of the content: "light brown" and "dark brown" are different facts
+            colour = None if rng.random() < 0.15 else str(_pick(rng, _HAIR_COLOUR_WORDS[colour]))
         c["hair"] = (style, colour)
     return c
 
@@ -293,7 +294,7 @@ class _Writer:
         kind, c1, c2, pattern = u["type"], u["colour"], u["colour2"], u["pattern"]
         sleeve = ""
         if u.get("sleeves"):
-            sleeve = {"t-shirt": "short sleeved", "dress": "", "tank top": ""}.get(kind, "long sleeved")
+            sleeve = {"t-shirt": "short sleeved", "dress": "", "tank top": "", "coat": ""}.get(kind, "long sleeved")
         if pattern == "striped":
             form = int(self.rng.integers(3))
             if c2 is None or form == 0:
@@ -333,6 +334,8 @@ class _Writer:
     def item(self, key: str) -> str:
         if key == "upper":
             return self.upper()
+        if key == "face":
+            return self.noun_phrase(self.c["face"], None)
         kind, colour = self.c[key][0], self.c[key][1]
         return self.noun_phrase(kind, colour)
 
@@ -343,10 +346,11 @@ class _Writer:
             if form == "np":
                 return self.pick(("a bald head", "a shaved head"))
             return self.pick(("is bald", "has a shaved head", "has a bald head"))
-        col = self.pick(_HAIR_COLOUR_WORDS[colour]) if colour else ""
+        col = colour or ""
         if style in ("ponytail", "bun"):
             tied = "a ponytail" if style == "ponytail" else "a bun"
-            phrase = self.pick((f"{col} hair tied in {tied}", f"{col} hair in {tied}", f"{col} hair pulled into {tied}"))
+            phrase = self.pick((f"{col} hair tied in {tied}", f"{col} hair in {tied}",
+                                f"{col} hair pulled into {tied}"))
             phrase = phrase.strip()
             return phrase if form == "np" else f"has {phrase}"
         length = self.pick(_HAIR_LENGTH_WORDS[style])
@@ -364,9 +368,9 @@ class _Writer:
                 if extra == "straps" and self.p(0.4):
                     out.append(f"wearing {bag} with the straps over {self.his} shoulders")
                 else:
-                    out.append(self.pick((f"carrying {bag}", f"wearing {bag}", f"with {bag} on {self.his} back")))
+                    out.append(self.pick((f"carrying {bag}", f"wearing {bag}", f"carrying {bag} on {self.his} back")))
             elif kind == "shoulder bag":
-                out.append(self.pick((f"carrying {bag}", f"with {bag} over {self.his} shoulder",
+                out.append(self.pick((f"carrying {bag}", f"carrying {bag} over {self.his} shoulder",
                                       f"wearing {bag} on {self.his} shoulder")))
             else:
                 out.append(self.pick((f"carrying {bag}", f"holding {bag} in {self.his} hand", f"carrying {bag}")))
@@ -488,7 +492,7 @@ def realize(content: dict[str, Any], rng: np.random.Generator, template: int | N
         if has_hair:
             style, colour = content["hair"]
             if style in ("short", "medium", "long") and colour and rng.random() < 0.6:
-                col = w.pick(_HAIR_COLOUR_WORDS[colour])
+                col = colour
                 sents.append(f"{his} hair is {col} and {w.pick(_HAIR_LENGTH_WORDS[style])}")
             else:
                 sents.append(f"{he} {w.hair('has')}")
@@ -565,7 +569,7 @@ def write_captions(facts: dict[str, Any], n: int, rng: np.random.Generator) -> t
         bt = text
         for attempt in range(12):
             other = (t + 1 + int(rng.integers(N_TEMPLATES - 1))) % N_TEMPLATES if attempt < 8 else None
-            cand, _, _ = realize(content, rng, other)
+            cand, _ = realize(content, rng, other)
             if cand != text and MIN_WORDS <= len(tokenize(cand)) <= MAX_WORDS:
                 bt = cand
                 break

@@ -127,14 +127,28 @@ def recipe_hash(recipe: TrainRecipe) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def train_views(needs) -> tuple[str, ...]:
+    """The image views a training sample carries for losses with these ``needs``."""
+    views = ["image"]
+    if "image_mvs" in needs:
+        views.append("image_mvs")
+    if "ssl_a" in needs or "ssl_b" in needs:
+        views.append("ssl_a")
+    return tuple(views)
+
+
 @dataclass
 class TeacherSpec:
     """A frozen teacher for distillation: the model and, optionally, cached embeddings per sample index."""
 
     model: nn.Module
     artifact: Path
-    cache: dict[str, torch.Tensor] | None = None  # {"text": (N, D) per caption sample, "image": (N, D)}
+    # {"text": (N, D)} per caption sample, or an object with ``lookup(epoch, index) -> {"text"?, "image"?}``
+    # (compress.distill.TeacherCache: keyed by (epoch, sample index)); missing entries are computed online.
+    cache: Any = None
     hidden: bool = False
+    # Maps the student's inputs {"image", "text"} to the teacher's (vocabulary map, context length, image size).
+    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -210,13 +224,7 @@ class Trainer:
         return build_model(cfg)
 
     def _views(self) -> tuple[str, ...]:
-        needs = self.losses.needs
-        views = ["image"]
-        if "image_mvs" in needs:
-            views.append("image_mvs")
-        if "ssl_a" in needs or "ssl_b" in needs:
-            views.append("ssl_a")
-        return tuple(views)
+        return train_views(self.losses.needs)
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self, *, resume: bool = False, force: bool = False) -> Path:
@@ -235,7 +243,7 @@ class Trainer:
                 if (work / CKPT_NAME).exists() and not force:
                     raise UserError(f"{work}: a checkpoint of an earlier run exists; pass --resume to continue it "
                                     "or --force to start over")
-            elif out.exists() and (out / "lineage.json").exists():
+            elif out.exists() and (out / "lineage.json").exists() and not force:
                 raise UserError(f"{out}: this run already finished; nothing to resume (use --force to retrain)")
             return self._run(out, work, resume, force)
         finally:
@@ -448,14 +456,24 @@ class Trainer:
         out: dict[str, torch.Tensor] = {}
         if t.cache is not None and "index" in batch:
             idx = batch["index"].cpu()
-            out["teacher_text"] = t.cache["text"][idx].to(self.device)
-        tok = batch.get("teacher_text_tokens", batch["text"])
+            if hasattr(t.cache, "lookup"):
+                hit = t.cache.lookup(self.trainset.epoch, idx)
+            else:
+                hit = {"text": t.cache["text"][idx]}
+            for k, v in hit.items():
+                out[f"teacher_{k}"] = v.to(self.device).float()
+        if "teacher_image" in out and "teacher_text" in out and not t.hidden:
+            return out
+        inputs = {"image": batch["image"], "text": batch.get("teacher_text_tokens", batch["text"])}
+        if t.adapt is not None:
+            inputs = t.adapt(inputs)
         hooks, captured = self._hidden_hooks(t.model, "teacher") if t.hidden else ([], {})
         try:
             with self._autocast():
-                out["teacher_image"] = F.normalize(t.model.encode_image(batch["image"]).float(), dim=-1)
-                if "teacher_text" not in out:
-                    out["teacher_text"] = F.normalize(t.model.encode_text(tok).float(), dim=-1)
+                if "teacher_image" not in out or t.hidden:
+                    out["teacher_image"] = F.normalize(t.model.encode_image(inputs["image"]).float(), dim=-1)
+                if "teacher_text" not in out or t.hidden:
+                    out["teacher_text"] = F.normalize(t.model.encode_text(inputs["text"]).float(), dim=-1)
         finally:
             for h in hooks:
                 h.remove()
@@ -604,8 +622,9 @@ class Trainer:
                                   "start over with --force") from exc
         mine = json.dumps(self.model.tbps_config, sort_keys=True)
         if ck.get("model_config") != mine:
+            what = getattr(self.recipe.model, "config", f"of this {self.stage} recipe")
             raise CheckpointError(f"{path}: checkpoint is for another architecture than model "
-                                  f"'{self.recipe.model.config}'; use the recipe it was written with or --force")
+                                  f"'{what}'; use the recipe it was written with or --force")
         if ck.get("recipe_hash") != recipe_hash(self.recipe):
             log.warning("%s: the recipe changed since this checkpoint was written; resuming anyway", path)
         self.model.load_state_dict(ck["model"])

@@ -52,7 +52,7 @@ class PrunableAttention(nn.Module):
             raise NotImplementedError("PrunableAttention supports self-attention only")
         b, n, _ = q_x.shape
         qkv = self.qkv(q_x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # unbind (not indexing): torch-pruning maps qkv channels to heads through it
         drop = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(b, n, -1)

@@ -1,3 +1,5 @@
-"""tbps_compress.retrieval"""
+"""tbps_compress.retrieval: metrics (R@K, mAP, mINP), the gallery index and text search.
 
-from .metrics import metrics as metrics
+Nothing is imported here: ``retrieval.metrics`` needs torch, while ``retrieval.index`` and ``retrieval.search`` must
+stay importable without it (ONNX artifacts run on the torch-free runtime). Import the submodules directly.
+"""

@@ -1,0 +1,872 @@
+"""Knowledge distillation: a TBPS-CLIP teacher artifact -> a small student artifact.
+
+``run_distill`` reads the teacher artifact (hash-verified), builds the student (a registered or inline config;
+random init, another artifact's weights, or TinyCLIP-style weight inheritance from the teacher), optionally
+shrinks its token table to the training vocabulary, and trains it with the shared loop
+(:class:`tbps_compress.engine.train.Trainer`) against the frozen teacher: task losses plus the registered KD losses
+of the recipe. Progress, logging, checkpoint/resume, DDP and validation are the teacher trainer's.
+
+Weight inheritance (:func:`inherit_weights`): student layers are teacher layers picked at a uniform stride (first
+and last kept) or by measured importance (relative residual update on training samples); residual channels, joint
+embedding dimensions, attention heads, channels inside heads and MLP channels are the teacher's most important ones
+by weight norm (:mod:`tbps_compress.compress.importance`), not the first ones. When heads get narrower the query
+is rescaled by sqrt(new/old head width) so the kept part of every attention logit keeps its scale.
+
+Teacher cache (:class:`TeacherCache`): the teacher's normalised embeddings of every training sample, keyed by
+(epoch, sample index). Each training sample's views are a pure function of (seed, epoch, index)
+(``data.loader.sample_seed``), so the cache holds exactly what the teacher would compute online for the student's
+batch, for any augmentation setting. The parts that do not change between epochs are stored once: text when text
+augmentation is off, images when image augmentation is off. The teacher tokenises the captions itself (its own
+vocabulary and context length); images are the views generated at the student's input size (resized to the
+teacher's when they differ). The file (safetensors, no pickle) records the teacher's content hash and a key of the
+training data, augmentation, seed and views; a file built for another teacher or other data is refused. Epochs the
+file does not cover (a longer run) are computed online. One cache serves every student distilled from the same
+teacher with the same data settings, so a step costs only the student's forward and backward.
+
+Vocabulary pruning (:func:`prune_vocabulary`): the token table keeps the ids the training captions use (plus
+back-translations and synonyms when those augmentations are on), id 0, SOT and EOT, and one ``unk`` row (the mean
+embedding) for unseen tokens. New ids: 0, used ids in order, unk, SOT, EOT (EOT stays the largest id: text pooling
+is the argmax over ids). The artifact carries ``vocab_map.json`` ({original: new}) and ``tokenizer.json``
+({"unk_id"}); the config's ``text_cfg.vocab_size`` is the new size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import AliasChoices, Field, model_validator
+from torch import Tensor, nn
+
+from ..config import Strict
+from ..errors import ConfigError, UserError
+from ..models.factory import EOT_TOKEN, SOT_TOKEN, tower_blocks
+from ..recipes import ModelCfg, TrainRecipe
+from . import importance as imp
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "tbps_compress.teacher_cache/1"
+KD_NEEDS = ("teacher", "teacher_hidden")
+
+
+class InheritanceError(ConfigError):
+    """The student cannot inherit the teacher's weights (wider, deeper or otherwise incompatible)."""
+
+
+class TeacherCacheError(UserError):
+    """A teacher cache file is unreadable or was built for another teacher or other training data."""
+
+
+# ------------------------------------------------------------------------------------------------- recipe
+
+
+class TeacherCfg(Strict):
+    artifact: str = Field(..., description="Teacher artifact folder (hash-verified on load).")
+    cache: str | None = Field(None, description="Teacher cache file (.safetensors); built when missing, reused "
+                                                "when present; None computes teacher outputs online.")
+    cache_dtype: Literal["float16", "float32"] = Field("float16", description="Storage type of cached embeddings.")
+    hidden: bool = Field(False, description="Capture the teacher's last hidden states (needed by kd_hidden).")
+
+
+class TowerInline(Strict):
+    layers: int | None = Field(None, ge=1, validation_alias=AliasChoices("layers", "depth"),
+                               description="Transformer blocks (alias: depth).")
+    width: int | None = Field(None, ge=1, description="Residual width.")
+    heads: int | None = Field(None, ge=1, description="Attention heads (must divide the width).")
+    mlp_ratio: float | None = Field(None, gt=0, description="MLP hidden width / residual width.")
+
+
+class VisionInline(TowerInline):
+    image_size: int | tuple[int, int] | None = Field(None, description="Input size, int or [height, width].")
+    patch_size: int | None = Field(None, ge=1)
+
+
+class TextInline(TowerInline):
+    context_length: int | None = Field(None, ge=2)
+
+
+class StudentInline(Strict):
+    """Architecture overrides; unset values come from ``student.config`` or else from the teacher."""
+
+    embed_dim: int | None = Field(None, ge=1, description="Joint embedding width.")
+    vision: VisionInline = Field(default_factory=VisionInline)
+    text: TextInline = Field(default_factory=TextInline)
+
+
+class StudentCfg(Strict):
+    config: str | None = Field(None, description="Registered model config name or path to a JSON config.")
+    inline: StudentInline | None = Field(None, description="Inline architecture (on top of config, else teacher).")
+    init: Literal["random", "inherit", "artifact"] = Field("inherit", description="Weight initialisation.")
+    init_artifact: str | None = Field(None, description="Artifact to initialise from (init: artifact).")
+    layer_selection: Literal["uniform", "importance"] = Field(
+        "uniform", description="Inheritance: teacher layers at a uniform stride or the most important ones.")
+    importance_samples: int = Field(64, ge=1, description="Training samples used to measure layer importance.")
+    vocab_prune: bool = Field(False, description="Shrink the token table to the training captions' tokens.")
+
+    @model_validator(mode="after")
+    def _init_source(self) -> StudentCfg:
+        if self.init == "artifact" and not self.init_artifact:
+            raise ValueError("student.init is 'artifact' but student.init_artifact is not set")
+        if self.init != "artifact" and self.init_artifact:
+            raise ValueError(f"student.init_artifact is set but student.init is '{self.init}'; use init: artifact")
+        if self.init != "artifact" and self.config is None and self.inline is None:
+            raise ValueError("the student needs student.config (a model config) or student.inline")
+        return self
+
+
+class DistillRecipe(TrainRecipe):
+    """``tbps-compress distill``: the shared training loop with a frozen teacher (task + KD losses)."""
+
+    stage: Literal["distill"] = "distill"  # type: ignore[assignment]
+    output: str = Field("runs/student", description="Artifact folder to write.")
+    model: ModelCfg | None = Field(None, description="Unused: the 'student' section defines the model.")
+    teacher: TeacherCfg
+    student: StudentCfg
+    losses: dict[str, dict[str, Any] | None] = Field(
+        default_factory=lambda: {"n_itc": {"weight": 0.5}, "r_itc": {"weight": 1.0}, "kd_feature": {"weight": 1.0},
+                                 "kd_affinity": {"weight": 1.0}, "kd_interactive": {"weight": 0.5}},
+        description="Task and KD losses: name -> {weight, params}; see `tbps-compress list losses`.",
+    )
+
+    @model_validator(mode="after")
+    def _distill_checks(self) -> DistillRecipe:
+        if self.model is not None:
+            raise ValueError("a distill recipe defines its model in 'student' (config / inline / init), not 'model'")
+        if "kd_hidden" in self.losses and not self.teacher.hidden:
+            raise ValueError("losses.kd_hidden needs the teacher's hidden states: set teacher.hidden: true")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------- student config
+
+
+def student_config(student: StudentCfg, teacher_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The student's model config: ``student.config`` (else the teacher's) with ``student.inline`` applied."""
+    from ..models.config import get_model_config, validate_model_config
+
+    if student.config is not None:
+        try:
+            cfg = get_model_config(student.config)
+        except ConfigError as exc:
+            raise ConfigError(f"student.config: {exc}") from exc
+    else:
+        cfg = copy.deepcopy(teacher_cfg)
+        cfg["name"] = f"{teacher_cfg.get('name', 'teacher')}-student"
+        cfg["description"] = "inline student"
+    inl = student.inline
+    if inl is not None:
+        if inl.embed_dim is not None:
+            cfg["embed_dim"] = inl.embed_dim
+        for tower, sub in (("vision", inl.vision), ("text", inl.text)):
+            given = sub.model_dump(exclude_none=True)
+            if not given:
+                continue
+            cfg.pop(f"{tower}_blocks", None)
+            tc = cfg[f"{tower}_cfg"]
+            for key in ("layers", "width", "mlp_ratio", "patch_size", "context_length"):
+                if key in given:
+                    tc[key] = given[key]
+            if "image_size" in given:
+                size = given["image_size"]
+                tc["image_size"] = [size, size] if isinstance(size, int) else list(size)
+            if "heads" in given:
+                if tc["width"] % given["heads"]:
+                    raise ConfigError(f"student.inline.{tower}.heads: {given['heads']} does not divide the width "
+                                      f"{tc['width']}; choose heads that divide it")
+                if tower == "vision":
+                    tc["head_width"] = tc["width"] // given["heads"]
+                else:
+                    tc["heads"] = given["heads"]
+        cfg["name"] = f"{cfg.get('name', 'student')}-inline"
+    try:
+        return validate_model_config(cfg, source="student")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (check student.config / student.inline)") from exc
+
+
+# ------------------------------------------------------------------------------------------------- inheritance
+
+
+def _grid(cfg: dict[str, Any]) -> tuple[int, int]:
+    from ..models.config import image_size_hw
+
+    h, w = image_size_hw(cfg)
+    p = cfg["vision_cfg"]["patch_size"]
+    return h // p, w // p
+
+
+def _resize_visual_pos(pe: Tensor, src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+    if src == dst:
+        return pe
+    grid = pe[1:].reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=dst, mode="bilinear", align_corners=False)
+    return torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1)], dim=0)
+
+
+def _resize_text_pos(pe: Tensor, n: int) -> Tensor:
+    if n <= pe.shape[0]:
+        return pe[:n]
+    seq = F.interpolate(pe.t().unsqueeze(0), size=n, mode="linear", align_corners=False)
+    return seq[0].t().contiguous()
+
+
+def _check_fits(s_cfg: dict[str, Any], t_cfg: dict[str, Any], teacher_name: str) -> None:
+    def fail(key: str, s: Any, t: Any, what: str = "larger than") -> None:
+        raise InheritanceError(
+            f"student {key}: {s} is {what} the teacher's {t} ({teacher_name}); weight inheritance needs a student "
+            "no wider or deeper than its teacher: shrink the student or use student.init: random")
+
+    if bool(s_cfg.get("quick_gelu")) != bool(t_cfg.get("quick_gelu")):
+        fail("quick_gelu", s_cfg.get("quick_gelu"), t_cfg.get("quick_gelu"), "different from")
+    if s_cfg["embed_dim"] > t_cfg["embed_dim"]:
+        fail("embed_dim", s_cfg["embed_dim"], t_cfg["embed_dim"])
+    for tower in ("vision", "text"):
+        s, t = s_cfg[f"{tower}_cfg"], t_cfg[f"{tower}_cfg"]
+        for key in ("width", "layers"):
+            if s[key] > t[key]:
+                fail(f"{tower}_cfg.{key}", s[key], t[key])
+    if s_cfg["vision_cfg"]["patch_size"] != t_cfg["vision_cfg"]["patch_size"]:
+        fail("vision_cfg.patch_size", s_cfg["vision_cfg"]["patch_size"], t_cfg["vision_cfg"]["patch_size"],
+             "different from")
+
+
+def _select_layers(n_t: int, n_s: int, how: str, scores: Tensor | None) -> list[int]:
+    if how == "uniform":
+        return imp.uniform_layers(n_t, n_s)
+    if how == "importance":
+        if scores is None:
+            raise ValueError("layer_selection 'importance' needs layer scores (importance.layer_scores)")
+        return imp.top_k(scores, n_s)
+    raise ConfigError(f"student.layer_selection: {how!r} is not one of uniform, importance")
+
+
+def _block_state(tblk: nn.Module, size: dict[str, int], rs: list[int], prefix: str, key: str) -> dict[str, Tensor]:
+    """The state of one student block taken from teacher block ``tblk`` (rs: kept residual channels)."""
+    attn = tblk.attn
+    h_t, hd_t = int(attn.num_heads), int(attn.head_dim)
+    h_s, hd_s, m_s = size["heads"], size["head_dim"], size["mlp_dim"]
+    mlp_t = int(tblk.mlp.c_fc.out_features)
+    for what, s, t in (("heads", h_s, h_t), ("head_dim", hd_s, hd_t), ("mlp_dim", m_s, mlp_t)):
+        if s > t:
+            raise InheritanceError(
+                f"student {key}.{what}: {s} is larger than the teacher's {t}; weight inheritance needs a student "
+                "no wider than its teacher: shrink the student or use student.init: random")
+    heads = imp.top_k(imp.head_scores(attn), h_s)
+    qrows: list[int] = []
+    vrows: list[int] = []
+    for h in heads:
+        qk, v = imp.head_channel_scores(attn, h)
+        qrows += [h * hd_t + j for j in imp.top_k(qk, hd_s)]
+        vrows += [h * hd_t + j for j in imp.top_k(v, hd_s)]
+    inner = h_t * hd_t
+    w, b = attn.qkv.weight.detach(), attn.qkv.bias.detach()
+    qi = torch.tensor(qrows)
+    vi = torch.tensor(vrows)
+    ri = torch.tensor(rs)
+    scale = math.sqrt(hd_s / hd_t)
+    mlp = torch.tensor(imp.top_k(imp.mlp_scores(tblk.mlp), m_s))
+    st = {
+        "ln_1.weight": tblk.ln_1.weight[ri], "ln_1.bias": tblk.ln_1.bias[ri],
+        "ln_2.weight": tblk.ln_2.weight[ri], "ln_2.bias": tblk.ln_2.bias[ri],
+        "attn.qkv.weight": torch.cat([w[qi][:, ri] * scale, w[inner + qi][:, ri], w[2 * inner + vi][:, ri]]),
+        "attn.qkv.bias": torch.cat([b[qi] * scale, b[inner + qi], b[2 * inner + vi]]),
+        "attn.proj.weight": attn.proj.weight[ri][:, vi], "attn.proj.bias": attn.proj.bias[ri],
+        "mlp.c_fc.weight": tblk.mlp.c_fc.weight[mlp][:, ri], "mlp.c_fc.bias": tblk.mlp.c_fc.bias[mlp],
+        "mlp.c_proj.weight": tblk.mlp.c_proj.weight[ri][:, mlp], "mlp.c_proj.bias": tblk.mlp.c_proj.bias[ri],
+    }
+    return {f"{prefix}.{k}": v.detach().clone() for k, v in st.items()}
+
+
+@dataclass
+class InheritancePlan:
+    """What a student took from its teacher (recorded in the artifact's metrics)."""
+
+    layers: dict[str, list[int]] = field(default_factory=dict)
+    layer_selection: str = "uniform"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "layer_selection": self.layer_selection}
+
+
+@torch.no_grad()
+def inherit_weights(
+    teacher: nn.Module,
+    student_cfg: dict[str, Any],
+    *,
+    layer_selection: str = "uniform",
+    layer_scores: dict[str, Tensor] | None = None,
+    teacher_name: str = "teacher",
+    plan: InheritancePlan | None = None,
+) -> nn.Module:
+    """A student of architecture ``student_cfg`` initialised from ``teacher`` (TinyCLIP-style inheritance).
+
+    Layers: ``layer_selection`` 'uniform' (stride, first and last kept) or 'importance' (top ``layer_scores``
+    per tower, see :func:`importance.layer_scores`). Residual channels, embedding dimensions, heads, channels in
+    heads and MLP channels: the teacher's most important by weight norm. The token table (and a vocabulary map of
+    a vocabulary-pruned teacher) is the teacher's; the student's ``text_cfg.vocab_size`` is set to match.
+
+    Raises :class:`InheritanceError` when the student is wider or deeper than the teacher, or differs in patch size
+    or activation.
+    """
+    from ..models.config import block_sizes, validate_model_config
+    from ..models.factory import build_model, config_from_model
+    from ..models.io import load_state_dict_checked
+
+    t_cfg = getattr(teacher, "tbps_config", None) or config_from_model(teacher)
+    s_cfg = validate_model_config(student_cfg, source="student")
+    vocab = int(teacher.token_embedding.num_embeddings)
+    if s_cfg["text_cfg"]["vocab_size"] != vocab:
+        log.info("student vocab_size %d -> %d (the teacher's token table)", s_cfg["text_cfg"]["vocab_size"], vocab)
+        s_cfg["text_cfg"]["vocab_size"] = vocab
+    _check_fits(s_cfg, t_cfg, teacher_name)
+    plan = plan if plan is not None else InheritancePlan()
+    plan.layer_selection = layer_selection
+    state: dict[str, Tensor] = {}
+    es = torch.tensor(imp.top_k(imp.embed_dim_scores(teacher), s_cfg["embed_dim"]))
+    for tower in ("vision", "text"):
+        n_t = len(tower_blocks(teacher, tower))
+        n_s = s_cfg[f"{tower}_cfg"]["layers"]
+        scores = layer_scores.get(tower) if layer_scores else None
+        layers = _select_layers(n_t, n_s, layer_selection, scores)
+        plan.layers[tower] = layers
+        width = s_cfg[f"{tower}_cfg"]["width"]
+        rs = imp.top_k(imp.residual_channel_scores(teacher, tower, layers), width)
+        ri = torch.tensor(rs)
+        t_blocks = tower_blocks(teacher, tower)
+        prefix = "visual.transformer.resblocks" if tower == "vision" else "transformer.resblocks"
+        for i, (li, size) in enumerate(zip(layers, block_sizes(s_cfg, tower), strict=True)):
+            state.update(_block_state(t_blocks[li], size, rs, f"{prefix}.{i}", f"{tower}_blocks[{i}]"))
+        if tower == "vision":
+            v = teacher.visual
+            pe = _resize_visual_pos(v.positional_embedding.detach()[:, ri], _grid(t_cfg), _grid(s_cfg))
+            state.update({
+                "visual.conv1.weight": v.conv1.weight[ri], "visual.class_embedding": v.class_embedding[ri],
+                "visual.positional_embedding": pe,
+                "visual.ln_pre.weight": v.ln_pre.weight[ri], "visual.ln_pre.bias": v.ln_pre.bias[ri],
+                "visual.ln_post.weight": v.ln_post.weight[ri], "visual.ln_post.bias": v.ln_post.bias[ri],
+                "visual.proj": v.proj[ri][:, es],
+            })
+        else:
+            pe = _resize_text_pos(teacher.positional_embedding.detach()[:, ri], s_cfg["text_cfg"]["context_length"])
+            state.update({
+                "token_embedding.weight": teacher.token_embedding.weight[:, ri], "positional_embedding": pe,
+                "ln_final.weight": teacher.ln_final.weight[ri], "ln_final.bias": teacher.ln_final.bias[ri],
+                "text_projection": teacher.text_projection[ri][:, es],
+            })
+    state["logit_scale"] = teacher.logit_scale.detach()
+    student = build_model(s_cfg)
+    load_state_dict_checked(student, {k: v.detach().clone().float() for k, v in state.items()},
+                            source=f"inheritance from {teacher_name}")
+    vm = getattr(teacher, "tbps_vocab_map", None)
+    if vm:
+        student.tbps_vocab_map = dict(vm)
+        student.tbps_unk_id = getattr(teacher, "tbps_unk_id", None)
+    student.tbps_config = config_from_model(student, s_cfg)
+    log.info("inherited %s from %s: vision layers %s, text layers %s", s_cfg.get("name"), teacher_name,
+             plan.layers["vision"], plan.layers["text"])
+    return student
+
+
+# ------------------------------------------------------------------------------------------------- vocabulary
+
+
+@torch.no_grad()
+def prune_vocabulary(
+    model: nn.Module, captions: Sequence[str], tokenizer: Callable[[Sequence[str]], Tensor], batch_size: int = 1024
+) -> tuple[nn.Module, dict[int, int], int]:
+    """Shrink ``model``'s token table to the tokens ``captions`` use; returns ``(model, vocab_map, unk_id)``.
+
+    ``tokenizer`` maps captions to ORIGINAL BPE ids (``models.tokenizer.get_tokenizer(cfg)`` without a map). The
+    new table holds, in order: id 0, the used ids (ascending), an unk row (the mean embedding, or the old unk row
+    of an already pruned model), SOT, EOT, so EOT is the largest id. A model that already carries a vocabulary
+    map is pruned further (the maps compose). The model is changed in place; its ``tbps_config``,
+    ``tbps_vocab_map`` and ``tbps_unk_id`` are updated. Captions whose tokens are all kept embed exactly as before.
+    """
+    from ..models.factory import config_from_model
+
+    old_map: dict[int, int] | None = getattr(model, "tbps_vocab_map", None) or None
+    old_unk = getattr(model, "tbps_unk_id", None)
+    used: set[int] = set()
+    for s in range(0, len(captions), batch_size):
+        used.update(int(x) for x in torch.unique(tokenizer(list(captions[s:s + batch_size]))).tolist())
+    used -= {0, SOT_TOKEN, EOT_TOKEN}
+    if old_map is not None:
+        used = {o for o in used if o in old_map}
+    ordered = sorted(used)
+
+    def cur(orig: int) -> int:
+        return old_map[orig] if old_map is not None else orig
+
+    emb = model.token_embedding
+    table = emb.weight.detach()
+    if old_map is not None and old_unk is not None:
+        unk_row = table[old_unk]
+    else:
+        unk_row = table.mean(dim=0)
+    rows = [table[0]] + [table[cur(o)] for o in ordered]
+    rows += [unk_row, table[cur(SOT_TOKEN)], table[cur(EOT_TOKEN)]]
+    k = len(ordered)
+    vocab_map = {0: 0, **{o: i + 1 for i, o in enumerate(ordered)}, SOT_TOKEN: k + 2, EOT_TOKEN: k + 3}
+    unk_id = k + 1
+    new = nn.Embedding(len(rows), table.shape[1]).to(device=table.device, dtype=table.dtype)
+    new.weight.copy_(torch.stack(rows))
+    new.weight.requires_grad_(emb.weight.requires_grad)
+    model.token_embedding = new
+    model.tbps_vocab_map = vocab_map
+    model.tbps_unk_id = unk_id
+    model.tbps_config = config_from_model(model)
+    log.info("vocabulary pruned: %d -> %d token embeddings", table.shape[0], len(rows))
+    return model, vocab_map, unk_id
+
+
+def vocabulary_captions(records: Sequence[Any], augment: Any, clean: Callable[[str], str]) -> list[str]:
+    """The text a training run can feed the tokenizer: captions, back-translations and synonyms (when on)."""
+    texts = [clean(c) for r in records for c in r.captions]
+    if augment.text.back_translation_p > 0:
+        texts += [clean(c) for r in records for c in (r.captions_bt or ())]
+    if augment.text.synonym_p > 0:
+        from ..data.transforms import _SYNONYMS
+
+        texts += [w for ws in _SYNONYMS.values() for w in ws]
+    return texts
+
+
+# ------------------------------------------------------------------------------------------------- teacher inputs
+
+
+def teacher_adapter(student: nn.Module, teacher: nn.Module) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
+    """A function mapping the student's inputs {"image", "text"} to the teacher's: token ids through both
+    vocabulary maps, padding/truncation to the teacher's context length, images resized to its input size.
+    ``None`` when the two take the same inputs."""
+    from ..models.config import image_size_hw
+
+    s_vm = getattr(student, "tbps_vocab_map", None) or None
+    t_vm = getattr(teacher, "tbps_vocab_map", None) or None
+    t_unk = getattr(teacher, "tbps_unk_id", None)
+    s_ctx, t_ctx = int(student.positional_embedding.shape[0]), int(teacher.positional_embedding.shape[0])
+    s_hw, t_hw = image_size_hw(student.tbps_config), image_size_hw(teacher.tbps_config)
+    lut: Tensor | None = None
+    if s_vm or t_vm:
+        n_s = int(student.token_embedding.num_embeddings)
+        orig = torch.arange(n_s) if s_vm is None else torch.full((n_s,), -1, dtype=torch.long)
+        if s_vm is not None:
+            for o, n in s_vm.items():
+                orig[n] = o
+        if t_vm is not None:
+            t_lut = torch.full((max(max(t_vm), EOT_TOKEN) + 1,), -1 if t_unk is None else t_unk, dtype=torch.long)
+            for o, n in t_vm.items():
+                t_lut[o] = n
+            lut = torch.where(orig >= 0, t_lut[orig.clamp_min(0)], torch.full_like(orig, -1))
+        else:
+            lut = orig
+        # ids with no teacher counterpart (the student's unk): the teacher's unk, else padding
+        lut = torch.where(lut >= 0, lut, torch.full_like(lut, t_unk if t_unk is not None else 0))
+        lut[0] = 0
+    t_eot = t_vm[EOT_TOKEN] if t_vm else EOT_TOKEN
+    if lut is None and s_ctx == t_ctx and s_hw == t_hw:
+        return None
+
+    def adapt(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        text, image = inputs["text"], inputs["image"]
+        if lut is not None:
+            text = lut.to(text.device)[text]
+        if t_ctx > s_ctx:
+            text = F.pad(text, (0, t_ctx - s_ctx))
+        elif t_ctx < s_ctx:
+            lost = (text[:, :t_ctx] == t_eot).sum(dim=1) == 0
+            text = text[:, :t_ctx].clone()
+            text[lost, -1] = t_eot
+        if s_hw != t_hw:
+            image = F.interpolate(image, size=t_hw, mode="bilinear", align_corners=False)
+        return {"image": image, "text": text}
+
+    return adapt
+
+
+# ------------------------------------------------------------------------------------------------- teacher cache
+
+
+@dataclass
+class TeacherCache:
+    """Cached, L2-normalised teacher embeddings keyed by (epoch, training sample index).
+
+    ``text`` / ``image``: (E, N, D) tensors; E == 1 with ``*_invariant`` set means "the same every epoch".
+    """
+
+    path: Path
+    text: Tensor
+    image: Tensor | None
+    meta: dict[str, Any]
+
+    @property
+    def epochs(self) -> int:
+        return int(self.meta["epochs"])
+
+    def lookup(self, epoch: int, index: Tensor) -> dict[str, Tensor]:
+        """Cached embeddings of samples ``index`` in ``epoch``: {"text"?, "image"?} (an uncovered epoch: none)."""
+        out: dict[str, Tensor] = {}
+        for name, table in (("text", self.text), ("image", self.image)):
+            if table is None:
+                continue
+            e = 0 if self.meta.get(f"{name}_invariant") else epoch
+            if e < table.shape[0]:
+                out[name] = F.normalize(table[e][index].float(), dim=-1)
+        return out
+
+
+def _augment_invariant(augment: Any, has_bt: bool) -> tuple[bool, bool]:
+    """(image views the same every epoch, text the same every epoch)."""
+    image = not (augment.image.pool and augment.image.num_ops)
+    t = augment.text
+    text = not ((t.back_translation_p and has_bt) or t.deletion_p or t.swap_p or t.insertion_p or t.synonym_p)
+    return image, text
+
+
+def records_digest(records: Sequence[Any]) -> str:
+    """A hash of training records (image, identity, captions, back-translations) in order."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.image, r.pid, list(r.captions), list(r.captions_bt or ())]).encode())
+    return h.hexdigest()
+
+
+def cache_key(recipe: DistillRecipe, records: Sequence[Any], views: Sequence[str],
+              image_size: tuple[int, int]) -> dict[str, Any]:
+    """What a teacher cache depends on besides the teacher: data, augmentation, seed, views and input size."""
+    return {
+        "data": records_digest(records),
+        "seed": recipe.seed,
+        "augment": hashlib.sha256(json.dumps(recipe.augment.model_dump(mode="json"), sort_keys=True)
+                                  .encode()).hexdigest()[:16],
+        "image_mvs": "image_mvs" in views,
+        "image_size": list(image_size),
+    }
+
+
+def load_teacher_cache(path: Path, teacher_hash: str, key: dict[str, Any] | None = None,
+                       teacher_path: Path | None = None) -> TeacherCache:
+    """Open a cache file and check that it was built for this teacher (content hash) and, when ``key`` is given,
+    for the same training data / augmentation / seed / views; :class:`TeacherCacheError` otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            names = set(f.keys())
+            tensors = {n: f.get_tensor(n) for n in names}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise TeacherCacheError(f"{path}: not a readable teacher cache ({exc}); delete it to rebuild") from exc
+    if meta.get("format") != CACHE_FORMAT or "text" not in names:
+        raise TeacherCacheError(f"{path}: not a teacher cache file (format {meta.get('format')!r}); "
+                                "point teacher.cache at another path")
+    built_for = meta.get("teacher", "")
+    if built_for != teacher_hash:
+        where = f" {teacher_path}" if teacher_path else ""
+        raise TeacherCacheError(
+            f"{path}: built for another teacher (content hash {built_for[:12]}), not teacher{where} "
+            f"({teacher_hash[:12]}); delete the file or set teacher.cache to a new path")
+    info = json.loads(meta.get("info", "{}"))
+    if key is not None:
+        theirs = info.get("key", {})
+        for k, v in key.items():
+            if theirs.get(k) != v:
+                raise TeacherCacheError(
+                    f"{path}: built with a different '{k}' ({theirs.get(k)!r}, this run {v!r}): the training "
+                    "data, augmentation, seed or views differ; delete the file or set teacher.cache to a new path")
+    return TeacherCache(path=path, text=tensors["text"], image=tensors.get("image"), meta=info)
+
+
+@torch.no_grad()
+def build_teacher_cache(
+    path: Path,
+    teacher: nn.Module,
+    teacher_hash: str,
+    records: Sequence[Any],
+    image_paths: Sequence[Path],
+    recipe: DistillRecipe,
+    *,
+    views: Sequence[str],
+    image_size: tuple[int, int],
+    epochs: int,
+    device: torch.device,
+    adapt_image: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 128,
+) -> TeacherCache:
+    """Compute and write the teacher's embeddings of every training sample for ``epochs`` epochs.
+
+    The samples are generated by the same :class:`data.loader.TrainSet` as training (same seed, augmentation and
+    views, images at ``image_size``), text tokenised with the teacher's own tokenizer.
+    """
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader
+
+    from ..data.loader import ImageStore, TrainSet
+    from ..data.readers import clean_caption
+    from ..data.records import remap_ids
+    from ..models.tokenizer import get_tokenizer
+
+    path = Path(path)
+    key = cache_key(recipe, records, views, image_size)
+    has_bt = any(r.captions_bt for r in records)
+    img_inv, txt_inv = _augment_invariant(recipe.augment, has_bt)
+    tok = get_tokenizer(teacher.tbps_config, getattr(teacher, "tbps_vocab_map", None) or None,
+                        getattr(teacher, "tbps_unk_id", None))
+    store = ImageStore(list(image_paths), image_size, cache=recipe.data.cache_images)
+    set_views = ("image", "image_mvs") if "image_mvs" in views else ("image",)
+    ds = TrainSet(records, store, remap_ids(records), tok, recipe.augment, views=set_views, seed=recipe.seed,
+                  clean=clean_caption)
+    dtype = torch.float16 if recipe.teacher.cache_dtype == "float16" else torch.float32
+    n_text = 1 if txt_inv else epochs
+    n_image = 1 if img_inv else epochs
+    was = teacher.training
+    teacher.eval().to(device)
+    amp = device.type == "cuda" and recipe.optim.precision != "fp32"
+    amp_dtype = torch.float16 if recipe.optim.precision == "fp16" else torch.bfloat16
+    text_out, image_out = [], []
+    for epoch in range(max(n_text, n_image)):
+        ds.epoch = epoch
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=recipe.data.num_workers)
+        texts, images = [], []
+        for batch in loader:
+            with torch.autocast("cuda", dtype=amp_dtype) if amp else contextlib.nullcontext():
+                if epoch < n_image:
+                    img = batch["image"].to(device)
+                    if adapt_image is not None:
+                        img = adapt_image(img)
+                    images.append(F.normalize(teacher.encode_image(img).float(), dim=-1).cpu().to(dtype))
+                if epoch < n_text:
+                    txt = batch["text"].to(device)
+                    texts.append(F.normalize(teacher.encode_text(txt).float(), dim=-1).cpu().to(dtype))
+        if texts:
+            text_out.append(torch.cat(texts))
+        if images:
+            image_out.append(torch.cat(images))
+        log.info("teacher cache: epoch %d of %d done", epoch + 1, max(n_text, n_image))
+    teacher.train(was)
+    info = {"key": key, "epochs": epochs, "text_invariant": txt_inv, "image_invariant": img_inv,
+            "samples": len(ds), "dtype": recipe.teacher.cache_dtype}
+    tensors = {"text": torch.stack(text_out).contiguous(), "image": torch.stack(image_out).contiguous()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "teacher": teacher_hash,
+                                               "info": json.dumps(info)})
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: cannot write the teacher cache ({exc.strerror or exc}); "
+                        "fix the folder or set teacher.cache elsewhere") from exc
+    log.info("teacher cache written to %s (%d samples, %d text / %d image epochs)", path, len(ds), n_text, n_image)
+    return TeacherCache(path=path, text=tensors["text"], image=tensors["image"], meta=info)
+
+
+# ------------------------------------------------------------------------------------------------- the stage
+
+
+def _importance_batch(teacher: nn.Module, ds: Any, records: Sequence[Any], n: int) -> tuple[Tensor, Tensor]:
+    from ..data.loader import load_image_resized
+    from ..data.readers import clean_caption
+    from ..engine.evaluate import _normalize
+    from ..models.config import image_size_hw
+    from ..models.tokenizer import get_tokenizer
+
+    recs = list(records)[:n]
+    size = image_size_hw(teacher.tbps_config)
+    images = _normalize(torch.stack([load_image_resized(ds.image_path(r), size) for r in recs]))
+    tok = get_tokenizer(teacher.tbps_config, getattr(teacher, "tbps_vocab_map", None) or None,
+                        getattr(teacher, "tbps_unk_id", None))
+    return images, tok([clean_caption(r.captions[0]) for r in recs])
+
+
+def _architecture(cfg: dict[str, Any]) -> str:
+    from ..models.config import validate_model_config
+
+    c = validate_model_config(cfg)
+    for k in ("name", "description"):
+        c.pop(k, None)
+    return json.dumps(c, sort_keys=True)
+
+
+def _load_teacher(path: Path) -> tuple[nn.Module, str]:
+    from ..artifacts import open_artifact
+    from ..evaluation import load_vocab_map
+    from ..models.io import load_model
+
+    art = open_artifact(path)  # verifies every file against lineage.json
+    if art.kind != "torch":
+        raise UserError(f"teacher.artifact {path}: an ONNX artifact; distillation needs a PyTorch artifact")
+    teacher = load_model(art, verify=False)
+    vm, unk = load_vocab_map(art.path)
+    if vm:
+        teacher.tbps_vocab_map, teacher.tbps_unk_id = vm, unk
+    teacher.eval().requires_grad_(False)
+    return teacher, str(art.lineage.get("content_hash", ""))
+
+
+def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_records: Sequence[Any],
+                  plan: InheritancePlan | None = None) -> nn.Module:
+    """The student model of a recipe, initialised as ``student.init`` says (before vocabulary pruning)."""
+    from ..evaluation import load_vocab_map
+    from ..models.factory import build_model
+    from ..models.io import load_model
+
+    st = recipe.student
+    t_cfg = teacher.tbps_config
+    if st.init == "artifact":
+        src = Path(st.init_artifact or "")
+        model = load_model(src)
+        vm, unk = load_vocab_map(src)
+        if vm:
+            model.tbps_vocab_map, model.tbps_unk_id = vm, unk
+        if st.config is not None or st.inline is not None:
+            want = student_config(st, t_cfg)
+            mine = dict(model.tbps_config)
+            mine["text_cfg"] = {**mine["text_cfg"], "vocab_size": want["text_cfg"]["vocab_size"]}
+            if _architecture(want) != _architecture(mine):
+                raise ConfigError(f"student.init_artifact {src}: its architecture differs from student.config / "
+                                  "student.inline; drop those keys to use the artifact's architecture")
+        return model
+    cfg = student_config(st, t_cfg)
+    if st.init == "random":
+        torch.manual_seed(recipe.seed)
+        return build_model(cfg)
+    scores = None
+    if st.layer_selection == "importance":
+        images, tokens = _importance_batch(teacher, ds, train_records, st.importance_samples)
+        scores = imp.layer_scores(teacher, images, tokens)
+        log.info("layer importance: vision %s text %s", [round(float(x), 3) for x in scores["vision"]],
+                 [round(float(x), 3) for x in scores["text"]])
+    return inherit_weights(teacher, cfg, layer_selection=st.layer_selection, layer_scores=scores,
+                           teacher_name=str(recipe.teacher.artifact), plan=plan)
+
+
+def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = False, progress: Any = None,
+                dataset: Any = None) -> Path:
+    """Distil ``recipe.teacher.artifact`` into the recipe's student; returns the new artifact folder."""
+    from ..artifacts import WEIGHTS, check_output_dir
+    from ..data.loader import identity_subset, steps_per_epoch
+    from ..data.readers import carve_val, clean_caption, load_dataset
+    from ..engine import dist
+    from ..engine.train import TeacherSpec, Trainer, resolve_device, train_views
+    from ..losses import LossSet
+    from ..models.config import image_size_hw
+    from ..models.factory import count_macs, count_parameters
+    from ..models.tokenizer import get_tokenizer
+
+    r = recipe
+    teacher_path = Path(r.teacher.artifact)
+    if not resume:
+        check_output_dir(Path(r.output), force)
+    started = dist.setup_from_env()
+    try:
+        teacher, teacher_hash = _load_teacher(teacher_path)
+        losses = LossSet({k: (dict(v) if v else {}) for k, v in r.losses.items()})
+        ds = dataset or load_dataset(Path(r.data.root), r.data.format, on_error=r.data.on_error)
+        if r.eval.val_split not in ds.splits():
+            ds = carve_val(ds, fraction=r.data.val_fraction, seed=r.seed)
+        train_records = identity_subset(ds.split("train"), r.data.train_fraction, r.seed)
+        if not train_records:
+            raise UserError(f"{ds.annotation}: no training records in split 'train'")
+        plan = InheritancePlan()
+        student = build_student(r, teacher, ds, train_records, plan)
+        params_before = count_parameters(student)
+        vocab_info: dict[str, Any] | None = None
+        if r.student.vocab_prune:
+            texts = vocabulary_captions(train_records, r.augment, clean_caption)
+            rows_before = int(student.token_embedding.num_embeddings)
+            prune_vocabulary(student, texts, get_tokenizer(student.tbps_config))
+            vocab_info = {"vocab_size_before": rows_before,
+                          "vocab_size_after": int(student.token_embedding.num_embeddings),
+                          "unk_id": student.tbps_unk_id, "parameters_before": params_before["total"]}
+        uses_teacher = any(n in KD_NEEDS for n in losses.needs) or r.teacher.hidden
+        spec = None
+        cache_info: dict[str, Any] = {}
+        if uses_teacher:
+            adapt = teacher_adapter(student, teacher)
+            cache = None
+            if r.teacher.cache:
+                views = train_views(losses.needs)
+                size = image_size_hw(student.tbps_config)
+                key = cache_key(r, train_records, views, size)
+                n_samples = sum(len(x.captions) for x in train_records)
+                per_epoch = max(1, steps_per_epoch(n_samples, r.optim.batch_size, dist.world_size()))
+                total = per_epoch * r.optim.epochs
+                if r.optim.max_steps:
+                    total = min(total, r.optim.max_steps)
+                epochs = min(r.optim.epochs, math.ceil(total / per_epoch))
+                cache_path = Path(r.teacher.cache)
+                built = False
+                if not cache_path.exists() and dist.is_main():
+                    t_hw = image_size_hw(teacher.tbps_config)
+                    resize = None if t_hw == size else (
+                        lambda x: F.interpolate(x, size=t_hw, mode="bilinear", align_corners=False))
+                    build_teacher_cache(cache_path, teacher, teacher_hash, train_records,
+                                        [ds.image_path(x) for x in train_records], r, views=views,
+                                        image_size=size, epochs=epochs, device=resolve_device(r.device),
+                                        adapt_image=resize, batch_size=r.eval.batch_size)
+                    built = True
+                dist.barrier()
+                cache = load_teacher_cache(cache_path, teacher_hash, key, teacher_path)
+                if cache.epochs < epochs and not (cache.meta.get("text_invariant")
+                                                  and cache.meta.get("image_invariant")):
+                    log.warning("%s covers %d of the %d epochs this run needs; later epochs run the teacher online",
+                                cache_path, cache.epochs, epochs)
+                cache_info = {"path": str(cache_path), "built": built, "epochs": cache.epochs,
+                              "text_invariant": bool(cache.meta.get("text_invariant")),
+                              "image_invariant": bool(cache.meta.get("image_invariant"))}
+            spec = TeacherSpec(model=teacher, artifact=teacher_path, cache=cache, hidden=r.teacher.hidden,
+                               adapt=adapt)
+        teacher_params = count_parameters(teacher)
+        teacher_macs = count_macs(teacher.tbps_config)
+        teacher_metrics = _teacher_metrics(teacher_path)
+
+        def extra(tmp: Path) -> dict[str, Any]:
+            sp = count_parameters(student)
+            macs = count_macs(student.tbps_config)
+            info: dict[str, Any] = {
+                "teacher": str(teacher_path), "teacher_content_hash": teacher_hash,
+                "init": r.student.init, "inheritance": plan.as_dict() if r.student.init == "inherit" else None,
+                "teacher_parameters": teacher_params, "teacher_macs": teacher_macs, "macs": macs,
+                "non_embedding_ratio": round(sp["non_embedding"] / max(1, teacher_params["non_embedding"]), 4),
+                "macs_ratio": round(sum(macs.values()) / max(1, sum(teacher_macs.values())), 4),
+                "teacher_test": teacher_metrics, "cache": cache_info or None,
+            }
+            out: dict[str, Any] = {"distill": info}
+            if vocab_info is not None:
+                saved = vocab_info["parameters_before"] - sp["total"]
+                elem = student.token_embedding.weight.element_size()
+                size = (tmp / WEIGHTS).stat().st_size
+                out["vocab_prune"] = {**vocab_info, "parameters_after": sp["total"], "parameters_saved": saved,
+                                      "weights_file_bytes": size, "weights_file_bytes_unpruned": size + saved * elem,
+                                      "file_saving": round(saved * elem / (size + saved * elem), 4)}
+            return out
+
+        trainer = Trainer(r, model=student, teacher=spec, stage="distill", parent=teacher_path, progress=progress,
+                          extra_files=extra, dataset=ds)
+    except BaseException:
+        if started:
+            dist.cleanup()
+        raise
+    return trainer.run(resume=resume, force=force)
+
+
+def _teacher_metrics(path: Path) -> dict[str, Any] | None:
+    f = Path(path) / "metrics.json"
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("test") if isinstance(data, dict) else None

@@ -1,0 +1,513 @@
+"""Export a PyTorch artifact to ONNX: one file per tower, then prove it.
+
+The artifact written (stage ``export``) holds what :class:`tbps_compress.runtime.OnnxEncoder` reads:
+
+- ``image_encoder.onnx``: input ``image`` float32 ``(N, 3, H, W)`` -> output ``embedding`` ``(N, D)``, L2-normalised.
+- ``text_encoder.onnx``: input ``text`` int64 ``(N, L)`` -> output ``embedding`` ``(N, D)``, L2-normalised.
+  Weights above :data:`EXTERNAL_DATA_THRESHOLD` bytes go to ``<file>.data`` beside the model (ONNX's 2 GB limit).
+- ``preprocess.json``: ``{"image_size": [H, W], "mean", "std", "resize": "bicubic"}`` (OpenAI CLIP statistics).
+- ``tokenizer.json``: ``{"context_length", "vocab_file", ["vocab_map_file", "unk_id"]}`` plus a copy of open_clip's
+  ``bpe_simple_vocab_16e6.txt.gz`` (and ``vocab_map.json`` when the source had a pruned vocabulary).
+- ``model_config.json`` (copy, for reference), ``source_metrics.json`` (the source's ``metrics.json``),
+  ``export_report.json`` (what :func:`export_onnx` returns).
+
+Each tower is exported by the dynamo exporter with a dynamic batch axis. Before the folder is renamed into place
+the ONNX checker runs (path-based, so external data works) and onnxruntime is compared with PyTorch on random
+inputs at batch 1 and 3 and, with ``parity_data``, on real dataset samples: a mismatch raises
+:class:`~tbps_compress.errors.ParityError` and leaves nothing behind.
+
+``fp16=True`` converts the checked float32 graphs to float16 weights and arithmetic with float32 inputs and
+outputs (:func:`convert_to_float16`), a GPU format; its parity (tolerance ``max(atol, FP16_ATOL)``) runs on the
+CPU provider with graph optimisations off, and is skipped with a logged reason when the CPU provider lacks a
+float16 kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import METRICS, MODEL_CONFIG, open_artifact, write_json
+from ..errors import ArtifactError, UserError
+from .parity import (
+    Case,
+    ParityResult,
+    check_max_abs,
+    dataset_samples,
+    make_session,
+    onnx_file_size,
+    random_images,
+    random_tokens,
+    run_session,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "FP16_ATOL",
+    "IMAGE_FILE",
+    "TEXT_FILE",
+    "check_output_location",
+    "convert_to_float16",
+    "export_onnx",
+    "load_onnx",
+    "save_onnx",
+]
+
+IMAGE_FILE = "image_encoder.onnx"
+TEXT_FILE = "text_encoder.onnx"
+PREPROCESS_FILE = "preprocess.json"
+TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_MAP_FILE = "vocab_map.json"
+SOURCE_METRICS_FILE = "source_metrics.json"
+REPORT_FILE = "export_report.json"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+EOT_ID = 49407
+MIN_OPSET = 18
+
+# Initializer bytes above which a model's weights are saved as external data (``<file>.data``); below ONNX's 2 GB
+# protobuf limit with room for the graph itself (torch's exporter uses the same value).
+EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+FP16_ATOL = 1e-2
+PARITY_BATCHES = (1, 3)
+PARITY_DATA_SAMPLES = 4
+
+_TOWERS = {"image": (IMAGE_FILE, "image"), "text": (TEXT_FILE, "text")}
+
+
+def check_output_location(src: Path, out: Path, flag: str = "--out") -> None:
+    """Refuse an output folder equal to, inside, or containing the input artifact (replacing it would destroy
+    the input)."""
+    s, o = Path(src).resolve(), Path(out).resolve()
+    if o == s or s in o.parents:
+        raise UserError(f"{out}: {flag} must not be the input artifact {src} or a folder inside it; "
+                        "choose a new folder beside it")
+    if o in s.parents:
+        raise UserError(f"{out}: {flag} contains the input artifact {src}; replacing it would delete the input; "
+                        "choose a new folder beside it")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ONNX file helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_onnx(path: Path) -> Any:
+    """Load an ONNX model (with its external data), or raise :class:`UserError` naming the file."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: ONNX file not found")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf DecodeError, OSError for missing external data, ...
+        raise UserError(f"{path}: not a readable ONNX model (corrupt or truncated?): {str(exc)[:300]}") from exc
+
+
+def check_onnx(path: Path) -> None:
+    """``onnx.checker.check_model`` on the path (works with external data); :class:`UserError` naming the file."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise UserError(f"{path}: the ONNX checker rejects the model: {str(exc)[:500]}") from exc
+
+
+def _initializer_bytes(model: Any) -> int:
+    return sum(_tensor_bytes(t) for t in model.graph.initializer)
+
+
+def _tensor_bytes(t: Any) -> int:
+    import onnx
+
+    if t.raw_data:
+        return len(t.raw_data)
+    n = int(np.prod(t.dims)) if len(t.dims) else 1
+    try:
+        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        size = 4
+    return n * size
+
+
+def save_onnx(model: Any, path: Path) -> bool:
+    """Save a ModelProto; weights go to ``<file>.data`` when above :data:`EXTERNAL_DATA_THRESHOLD`. Returns whether
+    external data was used. Any old ``<file>.data`` is removed first."""
+    import onnx
+
+    path = Path(path)
+    data = path.parent / f"{path.name}.data"
+    if data.exists():
+        data.unlink()
+    external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return external
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# float16 conversion
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Ops computed in float32 inside a float16 graph (input 0 cast up, outputs cast down): the L2 norm of the
+# embedding sums squares, which can overflow float16.
+FP32_OPS = ("ReduceL2", "ReduceSumSquare")
+# Inputs that ONNX requires to stay float32 (by op type: input indices).
+_FLOAT32_INPUTS = {"Resize": {2}, "Upsample": {1}}
+
+
+def convert_to_float16(model: Any, fp32_ops: tuple[str, ...] = FP32_OPS) -> Any:
+    """Convert a float32 ModelProto to float16 weights and arithmetic, keeping float32 graph inputs and outputs
+    (Cast nodes at the edges) and computing ``fp32_ops`` in float32. Returns the converted copy.
+
+    Float initializers and constant tensors become float16 (finite values clipped to +-65504, infinities such as
+    the causal mask's kept), ``Cast(to=float)`` becomes ``Cast(to=float16)``, stale ``value_info`` is dropped.
+    """
+    import copy
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = copy.deepcopy(model)
+    graph = model.graph
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                raise UserError(f"float16 conversion does not support control flow (node {node.name!r}, "
+                                f"{node.op_type}); export without --fp16")
+    if any(t.data_type == f16 for t in graph.initializer):
+        raise UserError("the model already holds float16 weights; convert the float32 export")
+
+    keep32 = {node.input[i] for node in graph.node for i in _FLOAT32_INPUTS.get(node.op_type, ())
+              if i < len(node.input)}
+
+    def to16(t: Any) -> None:
+        arr = numpy_helper.to_array(t)
+        arr = np.where(np.isfinite(arr), np.clip(arr, -65504.0, 65504.0), arr).astype(np.float16)
+        t.CopyFrom(numpy_helper.from_array(np.asarray(arr), t.name))
+
+    for init in graph.initializer:
+        if init.data_type == f32 and init.name not in keep32:
+            to16(init)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == f32:
+                to16(attr.t)
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    if t.data_type == f32:
+                        to16(t)
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == f32:
+                attr.i = f16
+    del graph.value_info[:]
+
+    head, body, tail = [], [], []
+    float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == f32}
+    float_outputs = {o.name for o in graph.output if o.type.tensor_type.elem_type == f32}
+    renamed = {name: f"{name}__fp16" for name in float_inputs | float_outputs}
+    for name in float_inputs:
+        head.append(helper.make_node("Cast", [name], [renamed[name]], to=f16, name=f"{name}__to_fp16"))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        for i, name in enumerate(node.output):
+            if name in float_outputs:
+                node.output[i] = renamed[name]
+        if node.op_type in fp32_ops and node.input:
+            src, up = node.input[0], f"{node.input[0]}__fp32_{len(body)}"
+            body.append(helper.make_node("Cast", [src], [up], to=f32, name=f"{up}__cast"))
+            node.input[0] = up
+            outs = list(node.output)
+            for i, name in enumerate(outs):
+                node.output[i] = f"{name}__fp32"
+            body.append(node)
+            for name in outs:
+                body.append(helper.make_node("Cast", [f"{name}__fp32"], [name], to=f16, name=f"{name}__to_fp16"))
+            continue
+        body.append(node)
+    for name in float_outputs:
+        tail.append(helper.make_node("Cast", [renamed[name]], [name], to=f32, name=f"{name}__to_fp32"))
+    del graph.node[:]
+    graph.node.extend(head + body + tail)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _wrappers() -> tuple[type, type]:
+    from torch import nn
+
+    class ImageEncoder(nn.Module):
+        """``image`` (N, 3, H, W) -> L2-normalised ``embedding`` (N, D)."""
+
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, image):  # noqa: ANN001, ANN201 - traced
+            return self.model.encode_image(image, normalize=True)
+
+    class TextEncoder(nn.Module):
+        """``text`` (N, L) int64 -> L2-normalised ``embedding`` (N, D), pooled at the end-of-text (argmax) id."""
+
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, text):  # noqa: ANN001, ANN201 - traced
+            return self.model.encode_text(text, normalize=True)
+
+    return ImageEncoder, TextEncoder
+
+
+def _rename_output(program: Any, name: str) -> None:
+    """Name the graph output ``name``. torch's ``output_names`` collides with internal values of the same name
+    (the token embedding's Gather is called ``embedding``) and then breaks SSA, so rename by hand."""
+    graph = program.model.graph
+    out = graph.outputs[0]
+    taken = {v.name for node in graph for v in node.outputs} | {v.name for v in graph.inputs}
+    taken |= set(graph.initializers)
+    for node in graph:
+        for value in node.outputs:
+            if value.name == name and value is not out:
+                new, i = f"{name}_internal", 0
+                while new in taken:
+                    i += 1
+                    new = f"{name}_internal{i}"
+                value.name = new
+                taken.add(new)
+    out.name = name
+
+
+def _export_tower(module: Any, example: Any, input_name: str, path: Path, opset: int) -> bool:
+    """Export one tower with the dynamo exporter (dynamic batch axis); returns whether external data was used."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module.eval(), (example,), input_names=[input_name], dynamic_shapes={input_name: {0: batch}},
+            dynamo=True, opset_version=opset, verbose=False, optimize=True,
+        )
+    _rename_output(program, "embedding")
+    graph = program.model.graph
+    size = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+    external = size > EXTERNAL_DATA_THRESHOLD
+    program.save(str(path), external_data=external)
+    return external
+
+
+def _read_vocab_map(path: Path) -> tuple[Any, int | None, int]:
+    """Read a source ``vocab_map.json``: returns (map to write, unk id, new EOT id). Accepts ``{original: new}``
+    (with an optional ``"unk"`` / ``"unk_id"`` entry) or a list of original ids in new-id order."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); re-run the stage that wrote it") from exc
+    unk: int | None = None
+    try:
+        if isinstance(data, list):
+            mapping = {int(orig): new for new, orig in enumerate(data)}
+            out: Any = [int(x) for x in data]
+        elif isinstance(data, dict):
+            data = dict(data)
+            for key in ("unk_id", "unk", "<unk>"):
+                if key in data:
+                    unk = int(data.pop(key))
+            mapping = {int(k): int(v) for k, v in data.items()}
+            out = {str(k): v for k, v in mapping.items()}
+        else:
+            raise TypeError(type(data).__name__)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: expected an object original id -> new id (or a list of original ids), "
+                            f"with integer entries ({exc})") from exc
+    if EOT_ID not in mapping:
+        raise ArtifactError(f"{path}: the end-of-text id {EOT_ID} is not mapped; the text tower pools at it")
+    eot = mapping[EOT_ID]
+    if max(mapping.values()) > eot or (unk is not None and unk > eot):
+        log.warning("%s: end-of-text maps to %d, not the largest id; argmax pooling will pick the wrong token",
+                    path, eot)
+    return out, unk, eot
+
+
+def export_onnx(
+    artifact: Path,
+    out: Path,
+    *,
+    opset: int = 18,
+    fp16: bool = False,
+    force: bool = False,
+    parity_data: Path | None = None,
+    atol: float = 1e-4,
+) -> dict:
+    """Export the PyTorch artifact ``artifact`` to an ONNX artifact ``out`` and prove it (see the module docs).
+
+    Args:
+        artifact: a PyTorch artifact folder (``model_config.json`` + ``weights.safetensors``), hash-verified.
+        out: the new artifact folder; must not be ``artifact`` or inside it; replaced only with ``force``.
+        opset: ONNX opset (>= 18, the dynamo exporter's minimum).
+        fp16: store float16 graphs (GPU format) instead of float32.
+        parity_data: optional dataset root; a few real images and captions are added to the parity inputs.
+        atol: max absolute difference allowed between onnxruntime and PyTorch embeddings (float32).
+
+    Returns:
+        The report also saved as ``export_report.json``: ``parity`` (max abs diff per output and input set),
+        ``max_diff``, ``files`` (bytes per file), ``opset``, ``fp16``, shapes.
+
+    Raises:
+        UserError: bad ``out``/``opset``; ArtifactError: missing or corrupt source; ParityError: mismatch.
+    """
+    import onnx
+    import torch
+
+    from ..artifacts import write_artifact
+    from ..models.config import image_size_hw
+    from ..models.io import load_model
+    from ..runtime.tokenizer import BPETokenizer, default_vocab_path
+
+    src, out = Path(artifact), Path(out)
+    check_output_location(src, out)
+    max_opset = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
+        raise UserError(f"--opset {opset!r}: choose an integer from {MIN_OPSET} to {max_opset} (the dynamo "
+                        f"exporter writes opset {MIN_OPSET} or newer)")
+    if not atol > 0:
+        raise UserError(f"atol must be positive, got {atol!r}")
+    art = open_artifact(src)
+    model = load_model(art, verify=False).float().eval()
+    cfg = art.model_config or {}
+    height, width = image_size_hw(cfg)
+    context_length = int(model.positional_embedding.shape[0])
+    n_tokens = int(model.token_embedding.num_embeddings)
+
+    vocab_map, unk_id, eot_id = None, None, EOT_ID
+    if (src / VOCAB_MAP_FILE).is_file():
+        vocab_map, unk_id, eot_id = _read_vocab_map(src / VOCAB_MAP_FILE)
+    if eot_id >= n_tokens:
+        raise ArtifactError(f"{src}: the text tower has {n_tokens} token embeddings but the end-of-text id is "
+                            f"{eot_id}" + ("" if vocab_map is not None else f" and there is no {VOCAB_MAP_FILE}"))
+    tokenizer_cfg: dict[str, Any] = {"context_length": context_length, "vocab_file": VOCAB_FILE}
+    if vocab_map is not None:
+        tokenizer_cfg["vocab_map_file"] = VOCAB_MAP_FILE
+    if unk_id is not None:
+        tokenizer_cfg["unk_id"] = unk_id
+    preprocess_cfg = {"image_size": [height, width], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+                      "resize": "bicubic"}
+    vocab_src = default_vocab_path()
+
+    # Inputs: fresh random batches, plus real samples when a dataset is given (read before any work is done).
+    cases: list[Case] = []
+    for i, n in enumerate(PARITY_BATCHES):
+        cases.append(Case("image", f"random-b{n}", random_images(n, (height, width), seed=100 + i)))
+        cases.append(Case("text", f"random-b{n}", random_tokens(n, context_length, eot_id, seed=200 + i)))
+    if parity_data is not None:
+        from ..runtime.preprocess import PreprocessConfig
+
+        mapping = None
+        if vocab_map is not None:
+            mapping = ({int(k): int(v) for k, v in vocab_map.items()} if isinstance(vocab_map, dict)
+                       else {orig: new for new, orig in enumerate(vocab_map)})
+        tok = BPETokenizer(vocab_src, context_length=context_length, vocab_map=mapping, unk_id=unk_id)
+        images, tokens = dataset_samples(Path(parity_data), PreprocessConfig.from_dict(preprocess_cfg), tok,
+                                         PARITY_DATA_SAMPLES, PARITY_DATA_SAMPLES)
+        if len(images):
+            cases.append(Case("image", f"dataset-b{len(images)}", images))
+        if len(tokens):
+            cases.append(Case("text", f"dataset-b{len(tokens)}", tokens))
+
+    @torch.no_grad()
+    def torch_ref(case: Case) -> np.ndarray:
+        x = torch.from_numpy(case.array)
+        emb = model.encode_image(x, normalize=True) if case.tower == "image" else model.encode_text(x, normalize=True)
+        return emb.float().numpy()
+
+    refs = {case.key: torch_ref(case) for case in cases}
+    image_enc, text_enc = _wrappers()
+    examples = {"image": torch.randn(2, 3, height, width),
+                "text": torch.from_numpy(random_tokens(2, context_length, eot_id, seed=7))}
+    modules = {"image": image_enc(model), "text": text_enc(model)}
+    options = {"opset": opset, "fp16": fp16, "atol": atol, "parity_data": str(parity_data) if parity_data else None}
+
+    with write_artifact(out, stage="export", parent=src, force=force, extra_lineage={"export": options}) as tmp:
+        external: dict[str, bool] = {}
+        for tower, (filename, input_name) in _TOWERS.items():
+            log.info("exporting the %s tower to %s (opset %d)", tower, filename, opset)
+            external[tower] = _export_tower(modules[tower], examples[tower], input_name, tmp / filename, opset)
+            check_onnx(tmp / filename)
+
+        def onnx_run(disable: bool) -> Any:
+            sessions: dict[str, Any] = {}
+
+            def run(case: Case) -> np.ndarray:
+                if case.tower not in sessions:
+                    sessions[case.tower] = make_session(tmp / _TOWERS[case.tower][0], disable_optimizations=disable)
+                return run_session(sessions[case.tower], case.array)
+
+            return run
+
+        fp32 = check_max_abs(cases, lambda c: refs[c.key], onnx_run(False), atol, "ONNX export vs PyTorch (float32)")
+        log.info("float32 parity: max abs diff %.3g over %d outputs", fp32.max_diff, len(fp32.diffs))
+        fp16_result: ParityResult | None = None
+        fp16_skipped: str | None = None
+        if fp16:
+            for filename, _ in _TOWERS.values():
+                converted = convert_to_float16(load_onnx(tmp / filename))
+                external[filename] = save_onnx(converted, tmp / filename)
+                check_onnx(tmp / filename)
+            fp16_atol = max(atol, FP16_ATOL)
+            try:
+                fp16_result = check_max_abs(cases, lambda c: refs[c.key], onnx_run(True), fp16_atol,
+                                            "ONNX float16 export vs PyTorch")
+            except UserError as exc:
+                if "NOT_IMPLEMENTED" not in str(exc) and "Could not find an implementation" not in str(exc):
+                    raise
+                fp16_skipped = f"the CPU provider lacks a float16 kernel ({str(exc)[:200]}); check on a GPU"
+                log.warning("float16 parity skipped: %s", fp16_skipped)
+
+        (tmp / VOCAB_FILE).write_bytes(vocab_src.read_bytes())
+        if vocab_map is not None:
+            write_json(tmp / VOCAB_MAP_FILE, vocab_map)
+        write_json(tmp / TOKENIZER_FILE, tokenizer_cfg)
+        write_json(tmp / PREPROCESS_FILE, preprocess_cfg)
+        shutil.copyfile(src / MODEL_CONFIG, tmp / MODEL_CONFIG)
+        if (src / METRICS).is_file():
+            shutil.copyfile(src / METRICS, tmp / SOURCE_METRICS_FILE)
+        files = {f: onnx_file_size(tmp / f) for f, _ in _TOWERS.values()}
+        report: dict[str, Any] = {
+            "source": str(src.resolve()),
+            "opset": opset,
+            "fp16": fp16,
+            "atol": atol,
+            "parity": {"float32": fp32.diffs, "float16": fp16_result.diffs if fp16_result else None},
+            "max_diff": fp32.max_diff,
+            "max_diff_fp16": fp16_result.max_diff if fp16_result else None,
+            "fp16_atol": max(atol, FP16_ATOL) if fp16 else None,
+            "fp16_parity_skipped": fp16_skipped,
+            "files": files,
+            "external_data": any(external.values()),
+            "image_size": [height, width],
+            "context_length": context_length,
+            "embed_dim": int(refs[cases[0].key].shape[1]),
+        }
+        write_json(tmp / REPORT_FILE, report)
+    report["path"] = str(out)
+    log.info("exported %s -> %s (max abs diff %.3g)", src, out, report["max_diff"])
+    return report
