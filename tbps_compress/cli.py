@@ -215,6 +215,33 @@ def import_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def search(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],
+    query: Annotated[Optional[str], typer.Argument(help="Description of the person.")] = None,
+    gallery: Annotated[Optional[Path], typer.Option("--gallery", help="Folder of person crops (recursive).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many results to show.")] = 10,
+    sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Write a contact sheet PNG.")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML page.")] = None,
+    index: Annotated[Optional[Path], typer.Option("--index", help="Index folder (default DIR/.tbps_index/...).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (torch artifacts).")] = "auto",
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root: identities, --query-index.")] = None,
+    query_index: Annotated[Optional[int], typer.Option("--query-index", help="Use caption K of --split.")] = None,
+    split: Annotated[str, typer.Option("--split", help="Dataset split for --data.")] = "test",
+    expect_id: Annotated[Optional[int], typer.Option("--expect-id", "--query-id", help="Identity to mark.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+) -> None:
+    """Search a gallery of person crops with a sentence (index built once, updated incrementally)."""
+    from .retrieval.search import format_results, run_search
+
+    report = run_search(artifact, query, gallery=gallery, top_k=top_k, sheet=sheet, html_out=html, index=index,
+                        device=device, data=data, query_index=query_index, split=split, expect_id=expect_id,
+                        batch_size=batch_size)
+    typer.echo(format_results(report))
+    if report.stats.unreadable:
+        typer.echo(f"{report.stats.unreadable} unreadable image(s) skipped", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     try:

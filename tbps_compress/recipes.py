@@ -128,11 +128,15 @@ class TrainRecipe(Strict):
     @field_validator("losses")
     @classmethod
     def _losses_valid(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from .errors import ConfigError
         from .losses import LossSet
 
         if not v:
             raise ValueError("at least one loss is needed")
-        LossSet({k: (dict(p) if p else {}) for k, p in v.items()})
+        try:
+            LossSet({k: (dict(p) if p else {}) for k, p in v.items()})
+        except ConfigError as exc:  # re-raised as ValueError so the message names the recipe file and key
+            raise ValueError(str(exc)) from None
         return v
 
     @model_validator(mode="after")

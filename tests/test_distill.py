@@ -22,6 +22,7 @@ from tbps_compress.compress.distill import (
     prune_vocabulary,
     run_distill,
     student_config,
+    teacher_adapter,
 )
 from tbps_compress.config import dump_recipe, load_recipe
 from tbps_compress.errors import ConfigError
@@ -236,6 +237,37 @@ def test_vocabulary_pruning_keeps_outputs_and_saves_parameters() -> None:
     ids = new_tok(train + ["zebra"])
     assert (torch.from_numpy(rt(train + ["zebra"])) == ids).all()
     assert unk in ids[-1].tolist()
+    # the teacher (full vocabulary, longer context) gets back its own token ids
+    teacher_cfg = copy.deepcopy(model.tbps_config)
+    teacher_cfg["text_cfg"].update(vocab_size=49408, context_length=40)
+    teacher = build_model(teacher_cfg)
+    adapt = teacher_adapter(model, teacher)
+    got = adapt({"text": new_tok(train), "image": torch.zeros(3, 3, 64, 32)})["text"]
+    assert torch.equal(got, get_tokenizer(teacher_cfg)(train))
+
+
+def test_cached_teacher_outputs_skip_the_teacher_forward() -> None:
+    from tbps_compress.compress.distill import TeacherCache
+    from tbps_compress.engine.train import TeacherSpec, Trainer
+
+    class NoForward(torch.nn.Module):
+        def encode_image(self, x):
+            raise AssertionError("teacher forward should not run")
+
+        encode_text = encode_image
+
+    n, d = 6, 4
+    cache = TeacherCache(path=Path("c"), text=torch.randn(1, n, d), image=torch.randn(2, n, d),
+                         meta={"epochs": 2, "text_invariant": True, "image_invariant": False})
+    tr = Trainer.__new__(Trainer)
+    tr.teacher = TeacherSpec(model=NoForward(), artifact=Path("t"), cache=cache)
+    tr.device = torch.device("cpu")
+    tr.trainset = type("S", (), {"epoch": 1})()
+    tr.amp_dtype = None
+    idx = torch.tensor([4, 1])
+    out = tr._teacher_outputs({"index": idx, "image": torch.zeros(2), "text": torch.zeros(2)})
+    assert torch.allclose(out["teacher_image"], torch.nn.functional.normalize(cache.image[1][idx], dim=-1))
+    assert torch.allclose(out["teacher_text"], torch.nn.functional.normalize(cache.text[0][idx], dim=-1))
 
 
 # ------------------------------------------------------------------------------------------------ teacher cache

@@ -186,8 +186,8 @@ def test_sheet_and_html(tmp_path, artifacts, encoder_a):
     sheet = render_sheet(report, tmp_path / "out" / "sheet.png")
     with Image.open(sheet) as im:
         assert im.width > 5 * 64 and im.height > 128
-        # Frame of the first tile, just below a one-line header (pad 10 + 24 per line + 22 for the subtitle).
-        colour = im.convert("RGB").getpixel((11, 10 + 24 + 22 + 1))
+        # Frame of the first tile (cell 124 px wide), below a one-line header (pad 10 + 24 per line + 22).
+        colour = im.convert("RGB").getpixel((10 + 62, 10 + 24 + 22 + 1))  # top edge, mid-cell
         assert colour == ((34, 150, 60) if hits[0].correct else (200, 40, 50))
     page = render_html(report, tmp_path / "out" / "page.html").read_text()
     assert QUERY in page and page.count('<figure class="hit') == 5

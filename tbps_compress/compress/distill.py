@@ -852,6 +852,8 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = Fa
                 out["vocab_prune"] = {**vocab_info, "parameters_after": sp["total"], "parameters_saved": saved,
                                       "weights_file_bytes": size, "weights_file_bytes_unpruned": size + saved * elem,
                                       "file_saving": round(saved * elem / (size + saved * elem), 4)}
+                log.info("vocabulary pruning saved %d parameters (%.1f%% of the weights file: %.2f MB -> %.2f MB)",
+                         saved, 100 * out["vocab_prune"]["file_saving"], (size + saved * elem) / 1e6, size / 1e6)
             return out
 
         trainer = Trainer(r, model=student, teacher=spec, stage="distill", parent=teacher_path, progress=progress,

@@ -43,6 +43,13 @@ PROBE_PNG = "probe.png"
 class _Skip(nn.Module):
     """A residual block removed: the stream passes unchanged."""
 
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self._dtype = dtype
+
+    def get_weight_dtype(self) -> torch.dtype:  # open_clip's Transformer.get_cast_dtype asks block 0
+        return self._dtype
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x
 
@@ -54,7 +61,7 @@ def skipped_block(model: nn.Module, tower: str, index: int) -> Iterator[None]:
 
     blocks = tower_blocks(model, tower)
     saved = blocks[index]
-    blocks[index] = _Skip()
+    blocks[index] = _Skip(next(saved.parameters()).dtype)
     try:
         yield
     finally:

@@ -442,8 +442,8 @@ def prune_tower(model: nn.Module, tower: str, cfg: PruneCfg, example: torch.Tens
     allowed = {root, *fcs, *num_heads}
     for group in pruner.step(interactive=True):
         if not any(dep.target.module in allowed and dg.is_out_channel_pruning_fn(dep.handler) for dep, _ in group):
-            log.warning("skipping an unexpected pruning group rooted at %s", group[0].dep.target)
-            continue
+            raise RuntimeError(f"{tower}: unexpected pruning group rooted at {group[0].dep.target}; the traced graph "
+                               "misses a layer (pruning it would break the model)")
         group.prune()
     if wrapper is not None:
         wrapper.sync(model)
@@ -472,13 +472,22 @@ def prune_widths(model: nn.Module, cfg: PruneCfg, example_batch: dict[str, torch
     importance = make_importance(cfg.criterion)
     if cfg.criterion == "taylor":
         taylor_gradients(model, example_batch)
-    for tower in TOWERS:
-        ex = example_batch["image"][:2] if tower == "vision" else example_batch["text"][:2]
-        with torch.enable_grad():
-            sizes = prune_tower(model, tower, cfg, ex, reference[tower], step, steps, importance)
-        log.info("%s tower after round %d/%d: width %d, heads %s, mlp %s", tower, step, steps, sizes["width"],
-                 [b["heads"] for b in sizes["blocks"]], [b["mlp_dim"] for b in sizes["blocks"]])
-    _zero_grads(model)
+    # The graph is traced through autograd: a frozen parameter (e.g. the patch embedding under
+    # tricks.freeze_patch_embed) would drop its layer from the graph and leave it unpruned.
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    try:
+        for tower in TOWERS:
+            ex = example_batch["image"][:2] if tower == "vision" else example_batch["text"][:2]
+            with torch.enable_grad():
+                sizes = prune_tower(model, tower, cfg, ex, reference[tower], step, steps, importance)
+            log.info("%s tower after round %d/%d: width %d, heads %s, mlp %s", tower, step, steps, sizes["width"],
+                     [b["heads"] for b in sizes["blocks"]], [b["mlp_dim"] for b in sizes["blocks"]])
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
+        _zero_grads(model)
     model.tbps_config = config_from_model(model)
     return model
 

@@ -33,8 +33,9 @@ import random
 import re
 import stat
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, where
@@ -158,54 +159,52 @@ def _read_json_list(path: Path) -> list[Any]:
     return data
 
 
-def _check_path(value: str, loc: str) -> str:
-    """Reject absolute paths and ``..``; return the path in POSIX form without ``./`` parts."""
-    original = value
-    if "\\" in value:
-        value = PureWindowsPath(value).as_posix()
-    pure = PurePosixPath(value)
-    if pure.is_absolute() or _DRIVE.match(value):
-        raise _EntryError("unsafe_path", f"{loc}: image path {original!r} is absolute; "
+def _check_path(value: str, loc: Callable[[], str]) -> str:
+    """Reject absolute paths and ``..``; return the path in POSIX form without empty or ``.`` parts."""
+    norm = value.replace("\\", "/") if "\\" in value else value
+    if norm.startswith("/") or _DRIVE.match(norm):
+        raise _EntryError("unsafe_path", f"{loc()}: image path {value!r} is absolute; "
                                          "write it relative to the dataset's image root")
-    if ".." in pure.parts:
-        raise _EntryError("unsafe_path", f"{loc}: image path {original!r} contains '..' and could leave the dataset "
+    parts = [p for p in norm.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise _EntryError("unsafe_path", f"{loc()}: image path {value!r} contains '..' and could leave the dataset "
                                          "folder; write it relative to the image root without '..'")
-    norm = pure.as_posix()
-    if norm in ("", "."):
-        raise _EntryError("wrong_type", f"{loc}: image path is empty; give the image's path relative to the "
+    if not parts:
+        raise _EntryError("wrong_type", f"{loc()}: image path is empty; give the image's path relative to the "
                                         "image root")
-    return norm
+    return "/".join(parts)
 
 
-def _check_captions(value: Any, loc: str, name: str) -> list[str]:
+def _check_captions(value: Any, loc: Callable[[], str], name: str) -> list[str]:
     if not isinstance(value, list):
-        raise _EntryError("wrong_type", f"{loc}: '{name}' is a {_type_name(value)}, expected a list of strings")
+        raise _EntryError("wrong_type", f"{loc()}: '{name}' is a {_type_name(value)}, expected a list of strings")
     if not value:
-        raise _EntryError("empty_captions", f"{loc}: '{name}' is an empty list; give at least one caption or "
+        raise _EntryError("empty_captions", f"{loc()}: '{name}' is an empty list; give at least one caption or "
                                             "remove the entry")
     for j, cap in enumerate(value):
         if not isinstance(cap, str):
-            raise _EntryError("wrong_type", f"{loc}: '{name}'[{j}] is a {_type_name(cap)}, expected a string")
+            raise _EntryError("wrong_type", f"{loc()}: '{name}'[{j}] is a {_type_name(cap)}, expected a string")
         if not cap.strip():
-            raise _EntryError("blank_caption", f"{loc}: '{name}'[{j}] is empty or whitespace; write the caption "
+            raise _EntryError("blank_caption", f"{loc()}: '{name}'[{j}] is empty or whitespace; write the caption "
                                                "or remove it from the list")
     return list(value)
 
 
 def _parse_entry(entry: Any, path: Path, index: int, fmt: str, split: str | None) -> _Pending:
     """Validate one annotation entry. ``split`` is given for tbps-clip (one file per split)."""
-    at = where(path, f"entry {index}")
+
+    def loc(name: str) -> str:
+        return where(path, f"entry {index}, field '{name}'")
+
     if not isinstance(entry, dict):
+        at = where(path, f"entry {index}")
         raise _EntryError("not_object", f"{at}: entry is a JSON {_type_name(entry)}, expected an object")
     path_field = _PATH_FIELD[fmt]
     required = ["id", "captions", path_field] + ([] if split is not None else ["split"])
     for name in required:
         if name not in entry:
-            raise _EntryError("missing_field", f"{at}, field '{name}': missing; every entry needs "
+            raise _EntryError("missing_field", f"{loc(name)}: missing; every entry needs "
                                                f"{', '.join(repr(r) for r in required)}")
-
-    def loc(name: str) -> str:
-        return where(path, f"entry {index}, field '{name}'")
 
     pid = entry["id"]
     if isinstance(pid, bool) or not isinstance(pid, int):
@@ -221,11 +220,11 @@ def _parse_entry(entry: Any, path: Path, index: int, fmt: str, split: str | None
     image = entry[path_field]
     if not isinstance(image, str):
         raise _EntryError("wrong_type", f"{loc(path_field)}: image path is a {_type_name(image)}, expected a string")
-    image = _check_path(image, loc(path_field))
-    captions = _check_captions(entry["captions"], loc("captions"), "captions")
+    image = _check_path(image, lambda: loc(path_field))
+    captions = _check_captions(entry["captions"], lambda: loc("captions"), "captions")
     captions_bt = None
     if entry.get("captions_bt") is not None:
-        captions_bt = _check_captions(entry["captions_bt"], loc("captions_bt"), "captions_bt")
+        captions_bt = _check_captions(entry["captions_bt"], lambda: loc("captions_bt"), "captions_bt")
         if len(captions_bt) != len(captions):
             raise _EntryError("captions_bt_mismatch", f"{loc('captions_bt')}: {len(captions_bt)} back-translations "
                                                       f"for {len(captions)} captions; give exactly one per caption "

@@ -254,10 +254,11 @@ def make_identities(identities: int, seed: int, split_fractions: tuple[float, fl
     splits = ["train"] * sizes[0] + ["val"] * sizes[1] + ["test"] * sizes[2]
     rng_struct = np.random.default_rng([seed, 5])
     out: list[dict[str, Any]] = []
+    by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in ("train", "val", "test")}
     for i, split in enumerate(splits):
         pid = i + 1
         rng = np.random.default_rng([seed, 7, pid])
-        same_split = [e for e in out if e["split"] == split]
+        same_split = by_split[split]
         copy = rng_struct.random() < NEAR_COPY_FRACTION and len(same_split) > 0
         base = same_split[int(rng_struct.integers(len(same_split)))] if copy else None
         if base is not None:
@@ -269,6 +270,7 @@ def make_identities(identities: int, seed: int, split_fractions: tuple[float, fl
             changed = []
         out.append({"id": pid, "split": split, "attributes": attrs, "extras": extras,
                     "near_copy_of": base["id"] if base is not None else None, "changed": changed})
+        same_split.append(out[-1])
     return out
 
 
@@ -1306,25 +1308,32 @@ def _build(root: Path, identities: int, images_per_id: int, captions_per_image: 
            progress: Callable[[int, int], None] | None) -> dict[str, Any]:
     idents = make_identities(identities, seed, split_fractions)
     cams = make_cameras(seed)
-    entries: list[dict[str, Any]] = []
-    images_meta: list[dict[str, Any]] = []
+    images: list[tuple[dict[str, Any], dict[str, Any], str]] = []
     jobs = []
     for ident in idents:
         pid, split = ident["id"], ident["split"]
-        folder = root / "imgs" / split / f"{pid:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        (root / "imgs" / split / f"{pid:04d}").mkdir(parents=True, exist_ok=True)
         for plan in plan_images(ident, images_per_id, seed, len(cams)):
             rel = f"imgs/{split}/{pid:04d}/{pid:04d}_{plan['k']:02d}.jpg"
-            facts = visible_facts(ident["attributes"], ident["extras"], plan["view"], plan["facing"], plan["hidden"])
-            caps, bts = write_captions(facts, captions_per_image, np.random.default_rng([seed, 17, pid, plan["k"]]))
-            entries.append({"split": split, "captions": caps, "file_path": rel,
-                            "processed_tokens": [tokenize(c) for c in caps], "id": pid, "captions_bt": bts})
-            images_meta.append({"file_path": rel, "id": pid, "view": plan["view"], "facing": plan["facing"],
-                                "camera": plan["camera"], "occluder": plan["occluder"]})
+            images.append((ident, plan, rel))
             jobs.append((str(root / rel), ident, plan, cams[plan["camera"]], seed, size))
     total = len(jobs)
+
+    def annotate() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        entries, metas = [], []
+        for ident, plan, rel in images:
+            pid = ident["id"]
+            facts = visible_facts(ident["attributes"], ident["extras"], plan["view"], plan["facing"], plan["hidden"])
+            caps, bts = write_captions(facts, captions_per_image, np.random.default_rng([seed, 17, pid, plan["k"]]))
+            entries.append({"split": ident["split"], "captions": caps, "file_path": rel,
+                            "processed_tokens": [tokenize(c) for c in caps], "id": pid, "captions_bt": bts})
+            metas.append({"file_path": rel, "id": pid, "view": plan["view"], "facing": plan["facing"],
+                          "camera": plan["camera"], "occluder": plan["occluder"]})
+        return entries, metas
+
     done = 0
     if workers <= 1 or total < 8:
+        entries, images_meta = annotate()
         for job in jobs:
             done += _render_job(job)
             if progress is not None:
@@ -1332,7 +1341,9 @@ def _build(root: Path, identities: int, images_per_id: int, captions_per_image: 
     else:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(processes=workers) as pool:
-            for n in pool.imap_unordered(_render_job, jobs, chunksize=max(1, min(32, total // (workers * 8)))):
+            results = pool.imap_unordered(_render_job, jobs, chunksize=max(1, min(16, total // (workers * 8))))
+            entries, images_meta = annotate()  # captions are written while the workers draw
+            for n in results:
                 done += n
                 if progress is not None:
                     progress(done, total)

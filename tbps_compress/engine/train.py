@@ -250,7 +250,10 @@ class Trainer:
             if started_dist:
                 dist.cleanup()
 
-    def _run(self, out: Path, work: Path, resume: bool, force: bool) -> Path:
+    def prepare(self) -> None:
+        """Set up everything the training loop needs, touching no files: device, seeds, losses, data, model, loss
+        heads, tokenizer, ``trainset`` / ``sampler`` / ``loader``, optimiser, precision and the validation images.
+        :meth:`run` calls it; tools and tests call it to drive :meth:`step` directly."""
         r = self.recipe
         self.device = device = resolve_device(r.device)
         if device.type == "cuda":
@@ -302,6 +305,13 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.val_store = ImageStore([ds.image_path(x) for x in self.val_records], size, cache=r.data.cache_images)
+        self.sampler, self.loader = sampler, loader
+
+    def _run(self, out: Path, work: Path, resume: bool, force: bool) -> Path:
+        self.prepare()
+        r, model, sampler, loader = self.recipe, self.model, self.sampler, self.loader
+        total, per_epoch = self.total_steps, self.per_epoch
+        b, world = r.optim.batch_size, dist.world_size()
         state = TrainState()
         best_state: dict[str, torch.Tensor] | None = None
         work.mkdir(parents=True, exist_ok=True)

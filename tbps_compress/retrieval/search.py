@@ -320,10 +320,11 @@ def render_sheet(report: SearchReport | Sequence[SearchResult], out: Path, *, th
     if not results:
         raise UserError("nothing to draw: no search results")
     base = report.gallery if isinstance(report, SearchReport) else None
-    tw, th = max(32, thumb_height // 2), max(64, thumb_height)
+    th = max(64, thumb_height)
+    tw = th * 3 // 8  # person crops are about 1:2.5 to 1:3 (width:height)
     pad, border = 10, 5
     cols = columns or max(1, max(len(r.hits) for r in results))
-    cell_w, label_h = tw + 2 * border, 54
+    cell_w, label_h = max(tw + 2 * border, 124), 54
     cell_h = th + 2 * border + label_h
     width = max(pad + cols * (cell_w + pad), 480)
     font, small, big = _font(14), _font(12), _font(18)
@@ -353,14 +354,15 @@ def render_sheet(report: SearchReport | Sequence[SearchResult], out: Path, *, th
             cx = pad + (i % cols) * (cell_w + pad)
             cy = y + (i // cols) * (cell_h + pad)
             colour = GREY if h.correct is None else (GREEN if h.correct else RED)
-            draw.rectangle([cx, cy, cx + cell_w - 1, cy + th + 2 * border - 1], fill=colour)
-            sheet.paste(_thumb(h.path, (tw, th)), (cx + border, cy + border))
+            fx = cx + (cell_w - tw - 2 * border) // 2
+            draw.rectangle([fx, cy, fx + tw + 2 * border - 1, cy + th + 2 * border - 1], fill=colour)
+            sheet.paste(_thumb(h.path, (tw, th)), (fx + border, cy + border))
             ly = cy + th + 2 * border + 3
             draw.text((cx, ly), f"#{h.rank}  {h.score:.3f}", fill=(20, 20, 20), font=font)
             name = _display_path(h.path, base)
             draw.text((cx, ly + 18), _fit_text(draw, name, small, cell_w), fill=(70, 70, 70), font=small)
             if h.pid is not None:
-                mark = "" if h.correct is None else ("  ✓" if h.correct else "  ✗")
+                mark = "" if h.correct is None else ("  correct" if h.correct else "  wrong")
                 draw.text((cx, ly + 34), f"id {h.pid}{mark}", fill=colour if h.correct is not None else (70, 70, 70),
                           font=small)
         y += rows * (cell_h + pad)

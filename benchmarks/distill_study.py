@@ -1,0 +1,230 @@
+"""Distillation study: which KD terms and which initialisation make a small student keep the teacher's accuracy.
+
+Runs the same student, with the same number of optimiser steps, as several variants of one distill recipe
+(default ``recipes/distill/synth-student.yaml``): trained from scratch (task losses only, random init), each KD term
+alone and all combined on top of the task losses, random init vs weight inheritance (uniform and importance layer
+selection), optionally the hidden-state term. Every run is a normal ``run_distill`` artifact under ``OUT/runs/``
+(finished runs are reused when the study is re-run; ``--force`` retrains), all KD runs share one teacher cache
+(``OUT/teacher-cache.safetensors``). Writes ``OUT/distill_study.md`` and ``OUT/distill_study.json``: R@1/R@5/mAP/mINP
+on the test split, non-embedding parameters and MACs against the teacher, and the acceptance checks:
+
+- the main variant (``--main``, default ``inherit+kd``) has at most 25% of the teacher's non-embedding parameters
+  and keeps >= 95% of the teacher's R@1;
+- it beats the scratch student by >= 3 R@1 points.
+
+Example (the demo study; minutes per variant on CPU):
+    python benchmarks/distill_study.py --teacher runs/synth/teacher --data data/synthpedes \\
+        --out benchmarks/results/distill_study --steps 2000
+Tiny smoke run:
+    python benchmarks/distill_study.py --teacher T --data D --out /tmp/study --steps 3 --batch-size 8 \\
+        --set student.config=test-tiny --set student.inline.text.layers=2 --set student.inline.text.width=32
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+KD_TERMS = ("kd_feature", "kd_affinity", "kd_interactive")
+KD_DEFAULTS: dict[str, dict[str, Any]] = {"kd_feature": {"weight": 1.0}, "kd_affinity": {"weight": 1.0},
+                                          "kd_interactive": {"weight": 0.5}, "kd_hidden": {"weight": 0.5}}
+
+# name -> (init, layer_selection, KD terms on top of the task losses)
+VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "scratch": ("random", "uniform", ()),
+    "random+kd": ("random", "uniform", KD_TERMS),
+    "inherit": ("inherit", "uniform", ()),
+    "inherit+feature": ("inherit", "uniform", ("kd_feature",)),
+    "inherit+affinity": ("inherit", "uniform", ("kd_affinity",)),
+    "inherit+interactive": ("inherit", "uniform", ("kd_interactive",)),
+    "inherit+kd": ("inherit", "uniform", KD_TERMS),
+    "importance+kd": ("inherit", "importance", KD_TERMS),
+    "inherit+kd+hidden": ("inherit", "uniform", (*KD_TERMS, "kd_hidden")),
+}
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "inherit+kd+hidden"]
+
+log = logging.getLogger("distill_study")
+
+
+def _per_epoch(recipe: Any) -> int:
+    from tbps_compress.data.loader import identity_subset, steps_per_epoch
+    from tbps_compress.data.readers import carve_val, load_dataset
+
+    ds = load_dataset(Path(recipe.data.root), recipe.data.format, on_error=recipe.data.on_error)
+    if recipe.eval.val_split not in ds.splits():
+        ds = carve_val(ds, fraction=recipe.data.val_fraction, seed=recipe.seed)
+    train = identity_subset(ds.split("train"), recipe.data.train_fraction, recipe.seed)
+    return max(1, steps_per_epoch(sum(len(r.captions) for r in train), recipe.optim.batch_size))
+
+
+def variant_recipe(base: dict[str, Any], name: str, args: argparse.Namespace, epochs: int | None = None) -> Any:
+    """The DistillRecipe of one study variant."""
+    from tbps_compress.compress.distill import DistillRecipe
+    from tbps_compress.config import validate
+
+    init, selection, kd = VARIANTS[name]
+    data = copy.deepcopy(base)
+    losses = {k: v for k, v in (data.get("losses") or {}).items() if not k.startswith("kd_")}
+    if not losses:
+        losses = {"n_itc": {"weight": 0.5}, "r_itc": {"weight": 1.0}}
+    for term in kd:
+        losses[term] = (base.get("losses") or {}).get(term) or KD_DEFAULTS[term]
+    data["losses"] = losses
+    data["output"] = str(Path(args.out) / "runs" / name.replace("+", "_"))
+    data.setdefault("teacher", {})
+    data["teacher"].update({"artifact": args.teacher, "cache": str(Path(args.out) / "teacher-cache.safetensors"),
+                            "hidden": "kd_hidden" in kd})
+    data.setdefault("data", {})["root"] = args.data
+    st = data.setdefault("student", {})
+    st.update({"init": init, "layer_selection": selection})
+    st.pop("init_artifact", None)
+    optim = data.setdefault("optim", {})
+    optim["max_steps"] = args.steps
+    if args.batch_size:
+        optim["batch_size"] = args.batch_size
+    if epochs is not None:
+        optim["epochs"] = epochs
+    if args.device:
+        data["device"] = args.device
+    if init == "random":  # a frozen random patch embedding would handicap the scratch baseline
+        data.setdefault("tricks", {})["freeze_patch_embed"] = False
+    return validate(DistillRecipe, data, f"{args.recipe} [{name}]")
+
+
+def run_variant(recipe: Any, force: bool) -> dict[str, Any]:
+    from tbps_compress.artifacts import open_artifact
+    from tbps_compress.compress.distill import run_distill
+    from tbps_compress.models.factory import count_macs, count_parameters
+    from tbps_compress.models.io import load_model
+
+    out = Path(recipe.output)
+    t0 = time.time()
+    if force or not (out / "lineage.json").exists():
+        run_distill(recipe, force=True)
+    else:
+        log.info("%s: finished earlier, reusing it (--force retrains)", out)
+    art = open_artifact(out)
+    model = load_model(art, verify=False)
+    m = art.metrics
+    return {"artifact": str(out), "test": m.get("test", {}), "val_best": m.get("val_best", {}),
+            "steps": m.get("steps"), "train_seconds": m.get("train_seconds"),
+            "wall_seconds": round(time.time() - t0, 1),
+            "parameters": count_parameters(model), "macs": count_macs(art.model_config),
+            "cache": (m.get("distill") or {}).get("cache"), "vocab_prune": m.get("vocab_prune"),
+            "losses": sorted(recipe.losses), "init": recipe.student.init,
+            "layer_selection": recipe.student.layer_selection}
+
+
+def teacher_row(teacher: Path, data: Path, device: str) -> dict[str, Any]:
+    from tbps_compress.artifacts import open_artifact
+    from tbps_compress.evaluation import evaluate_artifact
+    from tbps_compress.models.factory import count_macs, count_parameters
+    from tbps_compress.models.io import load_model
+
+    art = open_artifact(teacher)
+    return {"artifact": str(teacher), "test": evaluate_artifact(teacher, data, device=device or "auto"),
+            "parameters": count_parameters(load_model(art, verify=False)), "macs": count_macs(art.model_config)}
+
+
+def _fmt_table(teacher: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
+    t_ne = teacher["parameters"]["non_embedding"]
+    t_r1 = teacher["test"].get("R1", float("nan"))
+    head = ("| variant | init | KD terms | R@1 | R@5 | mAP | mINP | R@1 vs teacher | non-emb params (M) | "
+            "% teacher | MACs (G) | train s |")
+    lines = [head, "|" + "---|" * 12]
+
+    def line(name: str, r: dict[str, Any], init: str, kd: str) -> str:
+        t = r["test"]
+        ne = r["parameters"]["non_embedding"]
+        macs = sum(r["macs"].values())
+        return (f"| {name} | {init} | {kd} | {t.get('R1', float('nan')):.2f} | {t.get('R5', float('nan')):.2f} | "
+                f"{t.get('mAP', float('nan')):.2f} | {t.get('mINP', float('nan')):.2f} | "
+                f"{100 * t.get('R1', float('nan')) / t_r1 if t_r1 else float('nan'):.1f}% | {ne / 1e6:.2f} | "
+                f"{100 * ne / t_ne:.1f}% | {macs / 1e9:.3f} | {r.get('train_seconds', '')} |")
+
+    lines.append(line("teacher", teacher, "-", "-"))
+    for name, r in rows.items():
+        kd = ", ".join(k.removeprefix("kd_") for k in r["losses"] if k.startswith("kd_")) or "none"
+        init = r["init"] + (f" ({r['layer_selection']})" if r["init"] == "inherit" else "")
+        lines.append(line(name, r, init, kd))
+    return "\n".join(lines)
+
+
+def acceptance(teacher: dict[str, Any], rows: dict[str, dict[str, Any]], main: str) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+    if main not in rows:
+        return checks
+    m = rows[main]
+    ratio = m["parameters"]["non_embedding"] / teacher["parameters"]["non_embedding"]
+    checks.append({"check": f"{main}: non-embedding parameters <= 25% of the teacher's", "value": round(ratio, 4),
+                   "pass": ratio <= 0.25})
+    t_r1 = teacher["test"].get("R1", 0.0)
+    keep = m["test"].get("R1", 0.0) / t_r1 if t_r1 else 0.0
+    checks.append({"check": f"{main}: R@1 >= 95% of the teacher's", "value": round(keep, 4), "pass": keep >= 0.95})
+    if "scratch" in rows:
+        gain = m["test"].get("R1", 0.0) - rows["scratch"]["test"].get("R1", 0.0)
+        checks.append({"check": f"{main} beats scratch by >= 3 R@1 points", "value": round(gain, 2),
+                       "pass": gain >= 3.0})
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="teacher artifact folder")
+    p.add_argument("--data", required=True, help="dataset root (SynthPedes for the demo)")
+    p.add_argument("--out", required=True, help="output folder (runs/, teacher cache, Markdown + JSON table)")
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps per variant (the same for all)")
+    p.add_argument("--recipe", default="recipes/distill/synth-student.yaml", help="base distill recipe")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--main", default="inherit+kd", help="the variant the acceptance checks judge")
+    p.add_argument("--batch-size", type=int, default=None, help="override optim.batch_size")
+    p.add_argument("--device", default=None, help="override device (cpu, cuda, auto)")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="recipe override key.path=value (repeatable), applied to every variant")
+    p.add_argument("--force", action="store_true", help="retrain variants that already finished")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    from tbps_compress.config import apply_overrides, read_yaml
+
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    base = apply_overrides(read_yaml(Path(args.recipe)), args.overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = variant_recipe(base, names[0], args)
+    per_epoch = _per_epoch(first)
+    epochs = math.ceil(args.steps / per_epoch)
+    log.info("%d steps = %d epoch(s) of %d steps", args.steps, epochs, per_epoch)
+    teacher = teacher_row(Path(args.teacher), Path(args.data), args.device or "auto")
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        log.info("=== variant %s", name)
+        rows[name] = run_variant(variant_recipe(base, name, args, epochs), args.force)
+    checks = acceptance(teacher, rows, args.main)
+    table = _fmt_table(teacher, rows)
+    md = [f"# Distillation study ({args.steps} steps per student, {epochs} epoch(s))", "",
+          f"Teacher `{args.teacher}`, data `{args.data}`, base recipe `{args.recipe}`"
+          + (f", overrides {args.overrides}" if args.overrides else "") + ".",
+          "Test split, text-to-image; parameters without token/position embeddings; MACs of one image + one caption.",
+          "", table, "", "## Acceptance", ""]
+    md += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']} (value {c['value']})" for c in checks]
+    (out / "distill_study.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    (out / "distill_study.json").write_text(json.dumps(
+        {"steps": args.steps, "epochs": epochs, "recipe": args.recipe, "overrides": args.overrides,
+         "teacher": teacher, "variants": rows, "acceptance": checks}, indent=2, default=str) + "\n", encoding="utf-8")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
