@@ -172,6 +172,24 @@ def _report_artifact(out: Path) -> None:
     _metrics_table(rows, f"{out}")
 
 
+@app.command()
+def distill(
+    recipe: Annotated[Path, typer.Argument(help="Distill recipe YAML (see recipes/distill/).")],
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")] = False,
+    force: ForceOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Distil a teacher artifact into a smaller student (feature, affinity, interactive, hidden-state KD)."""
+    _setup_logging(verbose)
+    from .compress.distill import DistillRecipe, run_distill
+    from .config import load_recipe
+
+    r = load_recipe(recipe, DistillRecipe, set_)
+    out = run_distill(r, resume=resume, force=force, progress=RichProgress())
+    _report_artifact(out)
+
+
 @app.command("eval")
 def eval_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],
@@ -257,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # usage errors: click's, or those of the click copy vendored in typer >= 0.2x
         import click
 
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, click.ClickException | typer.TyperException) and callable(getattr(exc, "show", None)):
             exc.show()
             return exc.exit_code
         raise

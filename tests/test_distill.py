@@ -1,4 +1,6 @@
-"""Distillation stage: recipes, weight inheritance, vocabulary pruning, teacher cache, a tiny end-to-end run."""
+"""Distillation stage: recipes, weight inheritance, vocabulary pruning, teacher cache, a tiny end-to-end run.
+
+Uses the shared fixtures ``tiny_dataset`` and ``tiny_teacher_artifact`` (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tbps_compress.compress.distill import (
     inherit_weights,
     load_teacher_cache,
     prune_vocabulary,
+    resolve_cache_path,
     run_distill,
     student_config,
     teacher_adapter,
@@ -34,26 +37,11 @@ from tbps_compress.models.tokenizer import get_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def distill_data(tmp_path_factory) -> Path:
-    from tbps_compress.data.synthpedes import generate
-
-    out = tmp_path_factory.mktemp("distill") / "synth"
-    generate(out, identities=12, images_per_id=2, captions_per_image=2, size=(64, 32), seed=0, workers=1)
-    return out
-
-
 def _save_teacher(model: torch.nn.Module, out: Path) -> Path:
     with write_artifact(out, stage="train") as tmp:
         save_model(model, tmp)
         write_json(tmp / "metrics.json", {"test": {"R1": 50.0}})
     return out
-
-
-@pytest.fixture(scope="module")
-def distill_teacher(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return _save_teacher(build_model("test-tiny"), tmp_path_factory.mktemp("teacher") / "teacher")
 
 
 def _tiny_recipe(tmp: Path, data: Path, teacher: Path, **student) -> DistillRecipe:
@@ -273,17 +261,17 @@ def test_cached_teacher_outputs_skip_the_teacher_forward() -> None:
 # ------------------------------------------------------------------------------------------------ teacher cache
 
 
-def test_teacher_cache_matches_online_and_refuses_another_teacher(distill_data: Path, distill_teacher: Path,
+def test_teacher_cache_matches_online_and_refuses_another_teacher(tiny_dataset: Path, tiny_teacher_artifact: Path,
                                                                    tmp_path: Path) -> None:
     from tbps_compress.data.loader import ImageStore, TrainSet
     from tbps_compress.data.readers import clean_caption, load_dataset
     from tbps_compress.data.records import remap_ids
     from tbps_compress.models.io import load_model
 
-    recipe = _tiny_recipe(tmp_path, distill_data, distill_teacher)
-    teacher = load_model(distill_teacher).eval()
-    thash = open_artifact(distill_teacher).lineage["content_hash"]
-    ds = load_dataset(distill_data)
+    recipe = _tiny_recipe(tmp_path, tiny_dataset, tiny_teacher_artifact)
+    teacher = load_model(tiny_teacher_artifact).eval()
+    thash = open_artifact(tiny_teacher_artifact).lineage["content_hash"]
+    ds = load_dataset(tiny_dataset)
     recs = ds.split("train")[:6]
     paths = [ds.image_path(r) for r in recs]
     path = tmp_path / "c.safetensors"
@@ -307,6 +295,8 @@ def test_teacher_cache_matches_online_and_refuses_another_teacher(distill_data: 
         load_teacher_cache(path, "0" * 64, key, tmp_path / "other")
     with pytest.raises(TeacherCacheError, match="different 'data'"):
         load_teacher_cache(path, thash, cache_key(recipe, recs[:4], ("image",), (64, 32)))
+    a = resolve_cache_path("c/t-{teacher}-{key}.st", thash, key)
+    assert a.name.startswith(f"t-{thash[:12]}-") and a != resolve_cache_path("c/t-{teacher}-{key}.st", "1" * 64, key)
     (tmp_path / "junk.safetensors").write_bytes(b"not a cache")
     with pytest.raises(TeacherCacheError, match="junk.safetensors"):
         load_teacher_cache(tmp_path / "junk.safetensors", thash)
@@ -315,17 +305,17 @@ def test_teacher_cache_matches_online_and_refuses_another_teacher(distill_data: 
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def test_distill_end_to_end(distill_data: Path, distill_teacher: Path, tmp_path: Path) -> None:
+def test_distill_end_to_end(tiny_dataset: Path, tiny_teacher_artifact: Path, tmp_path: Path) -> None:
     from tbps_compress.evaluation import evaluate_artifact, load_vocab_map
     from tbps_compress.models.io import load_model
 
-    recipe = _tiny_recipe(tmp_path, distill_data, distill_teacher)
+    recipe = _tiny_recipe(tmp_path, tiny_dataset, tiny_teacher_artifact)
     out = run_distill(recipe)
     art = open_artifact(out)
-    teacher_lineage = open_artifact(distill_teacher).lineage
+    teacher_lineage = open_artifact(tiny_teacher_artifact).lineage
     assert art.stage == "distill"
     assert art.lineage["parent"]["content_hash"] == teacher_lineage["content_hash"]
-    assert Path(art.lineage["parent"]["path"]) == distill_teacher.resolve()
+    assert Path(art.lineage["parent"]["path"]) == tiny_teacher_artifact.resolve()
     m = art.metrics
     assert m["steps"] == 3 and "R1" in m["test"]
     assert m["distill"]["cache"]["built"] and m["distill"]["inheritance"]["layers"]["vision"] == [0, 1]
@@ -336,10 +326,10 @@ def test_distill_end_to_end(distill_data: Path, distill_teacher: Path, tmp_path:
     assert vm[EOT_TOKEN] == max(vm.values()) and unk is not None
     assert json.loads((out / "tokenizer.json").read_text())["unk_id"] == unk
     model = load_model(out)
-    assert model.token_embedding.num_embeddings == vp["vocab_size_after"] == art.model_config["text_cfg"][
-        "vocab_size"]
-    assert count_parameters(model)["non_embedding"] < count_parameters(load_model(distill_teacher))["non_embedding"]
-    assert set(evaluate_artifact(out, distill_data, device="cpu")) >= {"R1", "mAP", "mINP"}
+    assert model.token_embedding.num_embeddings == vp["vocab_size_after"] == art.model_config["text_cfg"]["vocab_size"]
+    teacher_params = count_parameters(load_model(tiny_teacher_artifact))
+    assert count_parameters(model)["non_embedding"] < teacher_params["non_embedding"]
+    assert set(evaluate_artifact(out, tiny_dataset, device="cpu")) >= {"R1", "mAP", "mINP"}
 
     # a second student reuses the cache; a cache of another teacher is refused
     again = recipe.model_copy(update={"output": str(tmp_path / "student2")})

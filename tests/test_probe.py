@@ -8,26 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tbps_compress.artifacts import write_artifact
 from tbps_compress.errors import ConfigError, UserError
 from tbps_compress.models.factory import build_model, tower_blocks
-from tbps_compress.models.io import save_model
 
 probe_mod = pytest.importorskip("tbps_compress.compress.probe")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tbps_compress.data import synthpedes as sp
-
-    root = tmp_path_factory.mktemp("probe")
-    data = root / "data"
-    sp.generate(data, identities=10, images_per_id=2, captions_per_image=2, size=(64, 32), seed=2, workers=1)
-    art = root / "model"
-    torch.manual_seed(5)
-    with write_artifact(art, stage="train") as tmp:
-        save_model(build_model("test-tiny"), tmp)
-    return {"data": data, "artifact": art, "root": root}
+def setup(tiny_dataset: Path, tiny_teacher_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared tiny dataset and briefly trained test-tiny teacher (conftest), and a scratch folder."""
+    return {"data": tiny_dataset, "artifact": tiny_teacher_artifact, "root": tmp_path_factory.mktemp("probe")}
 
 
 def test_probe_writes_table(setup: dict[str, Path]) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tbps_compress.artifacts import write_artifact, write_json
+from tbps_compress.artifacts import write_artifact
 from tbps_compress.config import validate
 from tbps_compress.errors import ConfigError
 from tbps_compress.models.factory import build_model, config_from_model, count_parameters, tower_blocks
@@ -63,6 +63,7 @@ def test_head_pruning_removes_heads() -> None:
 
 def test_width_pruning_shapes_consistent() -> None:
     model = _tiny()
+    model.visual.conv1.weight.requires_grad_(False)  # a frozen patch embedding (tricks.freeze_patch_embed) too
     prune.prune_model(model, prune.PruneCfg(vision={"width_ratio": 0.5}, text={"width_ratio": 0.25}), _batch())
     v = model.visual
     assert v.conv1.out_channels == 32
@@ -78,6 +79,8 @@ def test_width_pruning_shapes_consistent() -> None:
     assert model.positional_embedding.shape == (32, 48)
     assert model.text_projection.shape == (48, 32)
     assert model.ln_final.weight.shape == (48,)
+    assert not model.visual.conv1.weight.requires_grad  # frozen flags survive pruning
+    model.visual.conv1.weight.requires_grad_(True)
     _forward_backward(model, _batch())
 
 
@@ -190,18 +193,10 @@ def test_committed_recipes_load() -> None:
 
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tbps_compress.data import synthpedes as sp
-
-    root = tmp_path_factory.mktemp("prune")
-    data = root / "data"
-    sp.generate(data, identities=10, images_per_id=2, captions_per_image=1, size=(64, 32), seed=1, workers=1)
-    teacher = root / "teacher"
-    model = _tiny(seed=3)
-    with write_artifact(teacher, stage="train") as tmp:
-        save_model(model, tmp)
-        write_json(tmp / "metrics.json", {"parameters": count_parameters(model)})
-    return {"data": data, "teacher": teacher, "root": root}
+def tiny_setup(tiny_dataset: Path, tiny_teacher_artifact: Path,
+               tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared tiny dataset and briefly trained test-tiny teacher (conftest), and a scratch folder."""
+    return {"data": tiny_dataset, "teacher": tiny_teacher_artifact, "root": tmp_path_factory.mktemp("prune")}
 
 
 def _e2e_recipe(setup: dict[str, Path], out: Path, **prune_cfg) -> prune.PruneRecipe:
@@ -259,7 +254,10 @@ def test_run_prune_rejects_before_work(tiny_setup: dict[str, Path], monkeypatch:
 
 def test_run_prune_without_recovery(tiny_setup: dict[str, Path]) -> None:
     out = tiny_setup["root"] / "norecovery"
-    recipe = _e2e_recipe(tiny_setup, out, iterative_steps=1, recovery_steps=0, vision={"mlp_ratio": 0.5})
+    recipe = _e2e_recipe(tiny_setup, out, iterative_steps=2, recovery_steps=0, vision={"mlp_ratio": 0.5})
     prune.run_prune(recipe)
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 0 and m["prune"]["removed"]["parameters.vision"] > 0
+    cfg = json.loads((out / "model_config.json").read_text())
+    assert [b["mlp_dim"] for b in cfg["vision_blocks"]] == [64, 64]
+

@@ -19,8 +19,9 @@ batch, for any augmentation setting. The parts that do not change between epochs
 augmentation is off, images when image augmentation is off. The teacher tokenises the captions itself (its own
 vocabulary and context length); images are the views generated at the student's input size (resized to the
 teacher's when they differ). The file (safetensors, no pickle) records the teacher's content hash and a key of the
-training data, augmentation, seed and views; a file built for another teacher or other data is refused. Epochs the
-file does not cover (a longer run) are computed online. One cache serves every student distilled from the same
+training data, augmentation, seed and views; a file built for another teacher or other data is refused (a path with
+``{teacher}`` / ``{key}`` placeholders gives each teacher / data setting its own file instead). Epochs the file does
+not cover (a longer run) are computed online. One cache serves every student distilled from the same
 teacher with the same data settings, so a step costs only the student's forward and backward.
 
 Vocabulary pruning (:func:`prune_vocabulary`): the token table keeps the ids the training captions use (plus
@@ -75,7 +76,9 @@ class TeacherCacheError(UserError):
 class TeacherCfg(Strict):
     artifact: str = Field(..., description="Teacher artifact folder (hash-verified on load).")
     cache: str | None = Field(None, description="Teacher cache file (.safetensors); built when missing, reused "
-                                                "when present; None computes teacher outputs online.")
+                                                "when present; None computes teacher outputs online. '{teacher}' "
+                                                "and '{key}' in the path become short hashes of the teacher and of "
+                                                "the data settings, so each teacher/data gets its own file.")
     cache_dtype: Literal["float16", "float32"] = Field("float16", description="Storage type of cached embeddings.")
     hidden: bool = Field(False, description="Capture the teacher's last hidden states (needed by kd_hidden).")
 
@@ -555,6 +558,12 @@ def cache_key(recipe: DistillRecipe, records: Sequence[Any], views: Sequence[str
     }
 
 
+def resolve_cache_path(template: str, teacher_hash: str, key: dict[str, Any]) -> Path:
+    """``teacher.cache`` with ``{teacher}`` / ``{key}`` replaced by short hashes of the teacher and the cache key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(template.replace("{teacher}", teacher_hash[:12]).replace("{key}", digest))
+
+
 def load_teacher_cache(path: Path, teacher_hash: str, key: dict[str, Any] | None = None,
                        teacher_path: Path | None = None) -> TeacherCache:
     """Open a cache file and check that it was built for this teacher (content hash) and, when ``key`` is given,
@@ -807,7 +816,7 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = Fa
                 if r.optim.max_steps:
                     total = min(total, r.optim.max_steps)
                 epochs = min(r.optim.epochs, math.ceil(total / per_epoch))
-                cache_path = Path(r.teacher.cache)
+                cache_path = resolve_cache_path(r.teacher.cache, teacher_hash, key)
                 built = False
                 if not cache_path.exists() and dist.is_main():
                     t_hw = image_size_hw(teacher.tbps_config)

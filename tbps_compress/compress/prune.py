@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,8 +166,8 @@ def tower_sizes(model: nn.Module, tower: str) -> dict[str, Any]:
     from ..models.factory import tower_blocks
 
     width = int(model.visual.conv1.out_channels) if tower == "vision" else int(model.token_embedding.embedding_dim)
-    blocks = [{"heads": int(b.attn.num_heads), "head_dim": int(b.attn.head_dim), "mlp_dim": int(b.mlp.c_fc.out_features)}
-              for b in tower_blocks(model, tower)]
+    blocks = [{"heads": int(b.attn.num_heads), "head_dim": int(b.attn.head_dim),
+               "mlp_dim": int(b.mlp.c_fc.out_features)} for b in tower_blocks(model, tower)]
     return {"width": width, "blocks": blocks}
 
 
@@ -209,8 +208,9 @@ def check_prune_cfg(cfg: PruneCfg, model: nn.Module) -> None:
                 if not (isinstance(t.drop_layers, list) and i in t.drop_layers)][: n_blocks - t.drop_count()]
         rt = cfg.round_to
         if t.width_ratio > 0 and _keep(sizes["width"], t.width_ratio, rt) < max(1, rt or 1):
+            rounded = f" once rounded to a multiple of round_to={rt}" if rt else ""
             raise ConfigError(f"{key}.width_ratio: {t.width_ratio} of width {sizes['width']} leaves no channels"
-                              + (f" once rounded to a multiple of round_to={rt}" if rt else "") + "; use a smaller ratio")
+                              f"{rounded}; use a smaller ratio")
         if t.mlp_ratio > 0:
             for b in kept:
                 if _keep(b["mlp_dim"], t.mlp_ratio, rt) < max(1, rt or 1):
@@ -560,46 +560,6 @@ def _attach_vocab(model: nn.Module, folder: Path) -> None:
         model.tbps_vocab_map, model.tbps_unk_id = vm, unk
 
 
-def _teacher_adapter(student: nn.Module, teacher: nn.Module) -> Callable[[dict], dict] | None:
-    """Map the student's batch (vocabulary, image size, context length) to the teacher's inputs, or None."""
-    from ..models.config import image_size_hw
-
-    s_vm, t_vm = getattr(student, "tbps_vocab_map", None), getattr(teacher, "tbps_vocab_map", None)
-    s_hw, t_hw = image_size_hw(student.tbps_config), image_size_hw(teacher.tbps_config)
-    s_ctx, t_ctx = int(student.positional_embedding.shape[0]), int(teacher.positional_embedding.shape[0])
-    if s_vm == t_vm and s_hw == t_hw and s_ctx == t_ctx:
-        return None
-    lut = None
-    if s_vm != t_vm:
-        n = int(student.token_embedding.num_embeddings)
-        unk_t = getattr(teacher, "tbps_unk_id", None) or 0
-        orig_of = torch.arange(n) if not s_vm else torch.zeros(n, dtype=torch.long)
-        if s_vm:
-            for old, new in s_vm.items():
-                if 0 <= int(new) < n:
-                    orig_of[int(new)] = int(old)
-        if t_vm:
-            size = max(max(t_vm), 49407) + 1
-            t_lut = torch.full((size,), int(unk_t), dtype=torch.long)
-            for old, new in t_vm.items():
-                t_lut[int(old)] = int(new)
-            t_lut[0] = 0
-            orig_of = t_lut[orig_of.clamp(max=size - 1)]
-        lut = orig_of
-
-    def adapt(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        img, txt = inputs["image"], inputs["text"]
-        if tuple(img.shape[-2:]) != tuple(t_hw):
-            img = F.interpolate(img, size=t_hw, mode="bicubic", align_corners=False)
-        if lut is not None:
-            txt = lut.to(txt.device)[txt]
-        if txt.shape[1] != t_ctx:
-            txt = F.pad(txt, (0, t_ctx - txt.shape[1])) if txt.shape[1] < t_ctx else txt[:, :t_ctx]
-        return {"image": img, "text": txt}
-
-    return adapt
-
-
 def _recovery_recipe(recipe: PruneRecipe, output: Path, per_epoch: int) -> PruneRecipe:
     r = recipe.model_copy(deep=True)
     r.output = str(output)
@@ -664,8 +624,9 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     the trainer's checkpoint); ``force`` replaces an existing output."""
     from ..artifacts import check_output_dir, open_artifact, write_json
     from ..data.readers import load_dataset
-    from ..engine.train import Trainer, TeacherSpec, resolve_device
+    from ..engine.train import TeacherSpec, Trainer, resolve_device
     from ..models.io import load_model
+    from .distill import teacher_adapter
 
     out = Path(recipe.output)
     steps_dir = out.parent / f"{out.name}.steps"
@@ -674,9 +635,10 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     # ---- checks before work
     if not resume:
         check_output_dir(out, force)
-        if steps_dir.exists() and not force:
-            raise UserError(f"{steps_dir}: rounds of an earlier run exist; pass --resume to continue it or --force "
-                            "to start over")
+        for leftover in (steps_dir, out.parent / f"{out.name}.ckpt" / "last.ckpt"):
+            if leftover.exists() and not force:
+                raise UserError(f"{leftover}: left by an earlier run; pass --resume to continue it or --force "
+                                "to start over")
     elif (out / "lineage.json").exists() and not force:
         raise UserError(f"{out}: this run already finished; nothing to resume (use --force to redo it)")
     src_art = open_artifact(source_path)
@@ -730,6 +692,8 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     for i in range(start, n + 1):
         torch.manual_seed(recipe.seed + i)
         prune_widths(model, recipe.prune, example, state["reference"], step=i, steps=n)
+        model.tbps_config["description"] = (f"pruned ({recipe.prune.criterion}, round {i}/{n}) from {source_path}; "
+                                            f"source: {src_art.model_config.get('description', '')}")
         after = model_report(model)
         final = i == n
         target = out if final else steps_dir / f"step{i}"
@@ -737,9 +701,11 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
                   "before": before, "after": after, "removed": compare_reports(before, after),
                   "dropped_layers": state["dropped"], "rounds": rounds}
         if recipe.prune.recovery_steps == 0:
-            _write_unrecovered(recipe, model, target, source_path, ds, device, report if final else None, force)
+            if not final:  # nothing to recover between rounds: no intermediate artifact
+                continue
+            _write_unrecovered(recipe, model, target, source_path, ds, device, report, force)
         else:
-            adapt = _teacher_adapter(model, teacher)
+            adapt = teacher_adapter(model, teacher)
             kwargs = dict(spec_kwargs)
             if adapt is not None:
                 kwargs["adapt"] = adapt
@@ -767,7 +733,7 @@ def _round_summary(folder: Path) -> dict[str, Any]:
 
 
 def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent: Path, ds: Any,
-                       device: torch.device, report: dict[str, Any] | None, force: bool) -> None:
+                       device: torch.device, report: dict[str, Any], force: bool) -> None:
     """An artifact of the pruned model without recovery training (``recovery_steps: 0``)."""
     from ..artifacts import METRICS, RECIPE, write_artifact, write_json
     from ..config import dump_recipe
@@ -786,7 +752,7 @@ def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent:
         emb = embed_split(model, recs, [ds.image_path(r) for r in recs], tok, clean_caption,
                           batch_size=recipe.eval.batch_size, device=device)
         test = retrieval_metrics(emb)
-    with write_artifact(out, stage="prune", parent=parent, force=True if report is None else force) as tmp:
+    with write_artifact(out, stage="prune", parent=parent, force=force) as tmp:
         save_model(model, tmp)
         vm = getattr(model, "tbps_vocab_map", None)
         if vm:
@@ -797,9 +763,7 @@ def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent:
         dump_recipe(r, tmp / RECIPE)
         metrics: dict[str, Any] = {"test": test, "val_best": {}, "split": recipe.eval.test_split,
                                    "dataset": str(Path(recipe.data.root)), "parameters": count_parameters(model),
-                                   "steps": 0}
-        if report is not None:
-            metrics["prune"] = report
+                                   "steps": 0, "prune": report}
         write_json(tmp / METRICS, metrics)
     model.cpu()
 

@@ -536,7 +536,7 @@ def _fit(content: dict[str, Any], facts: dict[str, Any], rng: np.random.Generato
     for _ in range(16):
         text, t = realize(content, rng, template)
         n = len(tokenize(text))
-        if n > MAX_WORDS:
+        if n > MAX_WORDS - 3:  # leave the paraphrase a little room
             for key in _DROP_ORDER:
                 if key in content and (key != "lower" or "upper" in content):
                     del content[key]
@@ -567,8 +567,10 @@ def write_captions(facts: dict[str, Any], n: int, rng: np.random.Generator) -> t
                 break
         captions.append(text)
         bt = text
-        for attempt in range(12):
-            other = (t + 1 + int(rng.integers(N_TEMPLATES - 1))) % N_TEMPLATES if attempt < 8 else None
+        for attempt in range(24):
+            if attempt == 12:  # short content: let the paraphrase add a fact-free sentence
+                content = {**content, "fillers": content.get("fillers", 0) + 1}
+            other = (t + 1 + int(rng.integers(N_TEMPLATES - 1))) % N_TEMPLATES if attempt % 12 < 8 else None
             cand, _ = realize(content, rng, other)
             if cand != text and MIN_WORDS <= len(tokenize(cand)) <= MAX_WORDS:
                 bt = cand

@@ -343,7 +343,7 @@ class Trainer:
                     state.global_step += 1
                     now = time.time()
                     info = {"loss": terms.pop("loss"), **terms, "lr": lr,
-                            "temperature": 1.0 / float(model.logit_scale.exp().clamp(max=100)),
+                            "temperature": 1.0 / float(model.logit_scale.detach().exp().clamp(max=100)),
                             "samples_per_s": b * world / max(1e-9, now - t_last)}
                     t_last = now
                     if dist.is_main():

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import METRICS, MODEL_CONFIG, open_artifact, write_json
+from ..artifacts import METRICS, MODEL_CONFIG, check_output_dir, open_artifact, write_json
 from ..errors import ArtifactError, UserError
 from .parity import (
     Case,
@@ -302,11 +302,20 @@ def _export_tower(module: Any, example: Any, input_name: str, path: Path, opset:
     import torch
 
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            module.eval(), (example,), input_names=[input_name], dynamic_shapes={input_name: {0: batch}},
-            dynamo=True, opset_version=opset, verbose=False, optimize=True,
-        )
+    # onnxscript / onnx_ir log every optimisation step at INFO; keep them out of the stage's log.
+    noisy = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in noisy]
+    for lg in noisy:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module.eval(), (example,), input_names=[input_name], dynamic_shapes={input_name: {0: batch}},
+                dynamo=True, opset_version=opset, verbose=False, optimize=True,
+            )
+    finally:
+        for lg, level in zip(noisy, levels, strict=True):
+            lg.setLevel(level)
     _rename_output(program, "embedding")
     graph = program.model.graph
     size = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
@@ -385,6 +394,7 @@ def export_onnx(
 
     src, out = Path(artifact), Path(out)
     check_output_location(src, out)
+    check_output_dir(out, force)
     max_opset = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
         raise UserError(f"--opset {opset!r}: choose an integer from {MIN_OPSET} to {max_opset} (the dynamo "

@@ -1,0 +1,262 @@
+"""ONNX export of the tiny model: parity, dynamic batch, typed errors, float16, pruned shapes, external data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tbps_compress.artifacts import open_artifact, write_artifact, write_json
+from tbps_compress.errors import ArtifactError, ParityError, UserError
+from tbps_compress.export import onnx_export
+from tbps_compress.export.onnx_export import export_onnx
+from tbps_compress.export.parity import make_session, random_images, random_tokens
+from tbps_compress.models.config import get_model_config
+from tbps_compress.models.factory import build_model
+from tbps_compress.models.io import load_model, save_model
+
+COLOURS = ["red", "blue", "green", "black", "white"]
+
+
+def make_dataset(root: Path, n_ids: int = 5, per_id: int = 2) -> Path:
+    """A tiny CUHK-PEDES-format dataset: ids 0-1 train, the rest test."""
+    rng = np.random.default_rng(0)
+    (root / "imgs" / "cam").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for pid in range(n_ids):
+        for k in range(per_id):
+            rel = f"cam/{pid:03d}_{k}.png"
+            Image.fromarray(rng.integers(0, 256, (48 + 4 * pid, 24 + 2 * k, 3), dtype=np.uint8)).save(
+                root / "imgs" / rel)
+            entries.append({
+                "split": "train" if pid < 2 else "test", "id": pid, "file_path": rel,
+                "captions": [f"A person in a {COLOURS[pid]} shirt; carrying bag #{k}.",
+                             f"The {COLOURS[(pid + 1) % 5]} shoes (and) {COLOURS[pid]} top"],
+            })
+    (root / "reid_raw.json").write_text(json.dumps(entries), encoding="utf-8")
+    return root
+
+
+def make_torch_artifact(path: Path, cfg: dict | str = "test-tiny", seed: int = 0, extra: dict | None = None) -> Path:
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():  # non-trivial biases / norms so that deduplicated zero tensors do not hide mistakes
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    with write_artifact(path, stage="train") as tmp:
+        save_model(model, tmp)
+        write_json(tmp / "metrics.json", {"R1": 12.5})
+        for name, data in (extra or {}).items():
+            write_json(tmp / name, data)
+    return path
+
+
+def shared_export(factory: pytest.TempPathFactory) -> Path:
+    """One real export of the tiny model per test session (shared with test_quantize.py)."""
+    base = factory.getbasetemp() / "tbps_shared_export"
+    out = base / "onnx"
+    if not (out / "lineage.json").is_file():
+        base.mkdir(exist_ok=True)
+        data = base / "data"
+        if not (data / "reid_raw.json").is_file():
+            make_dataset(data)
+        src = base / "torch"
+        if not (src / "lineage.json").is_file():
+            make_torch_artifact(src)
+        export_onnx(src, out, parity_data=data)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_export(tmp_path_factory)
+
+
+def _torch_embed(model: torch.nn.Module, tower: str, array: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        x = torch.from_numpy(array)
+        out = model.encode_image(x, normalize=True) if tower == "image" else model.encode_text(x, normalize=True)
+    return out.numpy()
+
+
+def test_export_writes_runtime_files_with_parity(exported: Path) -> None:
+    art = open_artifact(exported)  # hash-verified
+    assert art.stage == "export" and art.kind == "onnx"
+    assert art.lineage["parent"]["stage"] == "train"
+    report = json.loads((exported / "export_report.json").read_text())
+    diffs = report["parity"]["float32"]
+    for key in ("image:random-b1", "image:random-b3", "text:random-b1", "text:random-b3",
+                "image:dataset-b4", "text:dataset-b4"):
+        assert diffs[key] < 1e-4, (key, diffs[key])
+    assert report["opset"] == 18 and report["external_data"] is False
+    assert json.loads((exported / "preprocess.json").read_text()) == {
+        "image_size": [64, 32], "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711], "resize": "bicubic"}
+    assert json.loads((exported / "tokenizer.json").read_text()) == {
+        "context_length": 32, "vocab_file": "bpe_simple_vocab_16e6.txt.gz"}
+    assert (exported / "bpe_simple_vocab_16e6.txt.gz").stat().st_size > 1_000_000
+    assert json.loads((exported / "source_metrics.json").read_text()) == {"R1": 12.5}
+    assert (exported / "model_config.json").is_file()
+    import onnx
+
+    for name, inp, dtype in (("image_encoder.onnx", "image", 1), ("text_encoder.onnx", "text", 7)):
+        model = onnx.load(str(exported / name))
+        assert [i.name for i in model.graph.input] == [inp]
+        assert model.graph.input[0].type.tensor_type.elem_type == dtype
+        assert [o.name for o in model.graph.output] == ["embedding"]
+        assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+
+
+def test_dynamic_batch_and_argmax_pooling(exported: Path) -> None:
+    model = load_model(exported.parent / "torch").eval()
+    images = random_images(5, (64, 32), seed=5)
+    tokens = random_tokens(5, 32, seed=5)
+    tokens[0, 1:] = 0  # EOT right after position 0 and a full-length row
+    tokens[0, 1] = 49407
+    tokens[1, -1] = 49407
+    for tower, array in (("image", images), ("text", tokens)):
+        got = make_session(exported / f"{tower}_encoder.onnx").run(["embedding"], {tower: array})[0]
+        assert got.shape == (5, 32)
+        assert np.abs(got - _torch_embed(model, tower, array)).max() < 1e-4
+        assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_runtime_encoder_reads_export(exported: Path) -> None:
+    from tbps_compress.runtime import OnnxEncoder
+
+    model = load_model(exported.parent / "torch").eval()
+    enc = OnnxEncoder(exported)
+    captions = ["a man in a red shirt", "woman with a blue bag"]
+    tokens = enc.tokenizer(captions)
+    assert np.abs(enc.encode_texts(captions) - _torch_embed(model, "text", tokens)).max() < 1e-4
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 40, 3), dtype=np.uint8))
+    from tbps_compress.runtime import preprocess_images
+
+    ref = _torch_embed(model, "image", preprocess_images([img], enc.preprocess_config))
+    assert np.abs(enc.encode_images([img]) - ref).max() < 1e-4
+
+
+def _fake_export(source: Path, corrupt: str | None = None):
+    """Stand-in for ``_export_tower`` that copies an already exported file (optionally with one weight of one
+    tower corrupted): exercises everything after the exporter without paying for another export."""
+    import onnx
+    from onnx import numpy_helper
+
+    def fake(module, example, input_name, path, opset):  # noqa: ANN001, ANN202
+        name = f"{input_name}_encoder.onnx"
+        if corrupt != input_name:
+            shutil.copyfile(source / name, path)
+            return False
+        model = onnx.load(str(source / name))
+        init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if t.data_type == 1 else 0)
+        arr = numpy_helper.to_array(init).copy()
+        arr += np.random.default_rng(0).standard_normal(arr.shape).astype(arr.dtype)
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx.save(model, str(path))
+        return False
+
+    return fake
+
+
+def test_parity_error_lists_outputs_and_leaves_nothing(exported: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onnx_export, "_export_tower", _fake_export(exported, corrupt="image"))
+    out = tmp_path / "bad"
+    with pytest.raises(ParityError) as info:
+        export_onnx(exported.parent / "torch", out)
+    err = info.value
+    assert set(err.diffs) == {"image:random-b1", "image:random-b3"}
+    assert all(v > 1e-4 for v in err.diffs.values())
+    msg = str(err)
+    assert "image:random-b1" in msg and "image:random-b3" in msg and "max abs diff" in msg and "text:" not in msg
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left either
+
+
+def test_fp16_export(exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    monkeypatch.setattr(onnx_export, "_export_tower", _fake_export(exported))
+    out = tmp_path / "fp16"
+    report = export_onnx(exported.parent / "torch", out, fp16=True)
+    assert report["fp16"] is True and report["max_diff"] < 1e-4
+    if report["fp16_parity_skipped"] is None:
+        assert report["max_diff_fp16"] < 1e-2
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):
+        model = onnx.load(str(out / name))
+        big = [t for t in model.graph.initializer if int(np.prod(t.dims)) > 100]
+        assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
+        assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        assert report["files"][name] < 0.7 * (exported / name).stat().st_size
+
+
+def test_out_equal_or_inside_input_refused(exported: Path) -> None:
+    src = exported.parent / "torch"
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, src / "onnx", src.parent):
+        with pytest.raises(UserError, match="input artifact"):
+            export_onnx(src, out)
+    assert sorted(p.name for p in src.iterdir()) == before
+    with pytest.raises(UserError, match="already exists"):
+        export_onnx(src, exported)
+
+
+def test_missing_or_corrupt_source(tmp_path: Path, exported: Path) -> None:
+    with pytest.raises(ArtifactError):
+        export_onnx(tmp_path / "nope", tmp_path / "out")
+    bad = tmp_path / "bad"
+    shutil.copytree(exported.parent / "torch", bad)
+    with open(bad / "weights.safetensors", "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\xff" * 16)
+    with pytest.raises(ArtifactError, match="weights.safetensors"):
+        export_onnx(bad, tmp_path / "out")
+    with pytest.raises(ArtifactError, match="not a PyTorch artifact"):
+        export_onnx(exported, tmp_path / "out")  # an ONNX artifact is not an export source
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_opset_refused(exported: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="opset"):
+        export_onnx(exported.parent / "torch", tmp_path / "o", opset=11)
+
+
+def test_pruned_model_with_vocab_map_and_external_data(tmp_path: Path, exported: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-block head / MLP sizes (pruned), a pruned vocabulary (vocab_map.json) and weights in external data."""
+    cfg = get_model_config("test-tiny")
+    cfg["vision_blocks"] = [{"heads": 2, "head_dim": 32, "mlp_dim": 128}, {"heads": 1, "head_dim": 16, "mlp_dim": 40}]
+    cfg["text_blocks"] = [{"heads": 1, "head_dim": 24, "mlp_dim": 96}, {"heads": 2, "head_dim": 32, "mlp_dim": 128}]
+    cfg["text_cfg"]["vocab_size"] = 1000
+    vocab_map = {str(i): i for i in range(1, 998)}
+    vocab_map.update({"49406": 998, "49407": 999, "unk_id": 1})
+    src = make_torch_artifact(tmp_path / "pruned", cfg, seed=3, extra={"vocab_map.json": vocab_map})
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    out = tmp_path / "onnx"
+    report = export_onnx(src, out, parity_data=exported.parent / "data")
+    assert report["external_data"] is True
+    assert report["max_diff"] < 1e-4 and "text:dataset-b4" in report["parity"]["float32"]
+    assert (out / "image_encoder.onnx.data").is_file() and (out / "text_encoder.onnx.data").is_file()
+    assert report["files"]["text_encoder.onnx"] > (out / "text_encoder.onnx").stat().st_size
+    tok = json.loads((out / "tokenizer.json").read_text())
+    assert tok == {"context_length": 32, "vocab_file": "bpe_simple_vocab_16e6.txt.gz",
+                   "vocab_map_file": "vocab_map.json", "unk_id": 1}
+    assert json.loads((out / "vocab_map.json").read_text())["49407"] == 999
+    open_artifact(out)
+
+    from tbps_compress.runtime import OnnxEncoder
+
+    enc = OnnxEncoder(out)
+    captions = ["a person in a red shirt", "zebra-striped xylophone"]
+    tokens = enc.tokenizer(captions)
+    assert tokens.max() == 999
+    model = load_model(src).eval()
+    assert np.abs(enc.encode_texts(captions) - _torch_embed(model, "text", tokens)).max() < 1e-4
+    images = random_images(5, (64, 32), seed=9)
+    got = enc.image_session.run(["embedding"], {"image": images})[0]
+    assert np.abs(got - _torch_embed(model, "image", images)).max() < 1e-4
