@@ -190,6 +190,53 @@ def distill(
     _report_artifact(out)
 
 
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="PyTorch artifact folder (teacher, student or pruned).")],
+    out: Annotated[Path, typer.Option("--out", help="ONNX artifact folder to write.")],
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the only format for now).")] = True,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18).")] = 18,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write fp16 graphs (a GPU format).")] = False,
+    parity_data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root for real-sample parity.")] = None,
+    atol: Annotated[float, typer.Option("--atol", help="Max abs difference allowed vs PyTorch.")] = 1e-4,
+    force: ForceOpt = False,
+) -> None:
+    """Export image and text encoders to ONNX and prove parity with PyTorch."""
+    _setup_logging()
+    from .export.onnx_export import export_onnx
+
+    if not onnx:
+        raise UserError("export: only --onnx is supported")
+    report = export_onnx(artifact, out, opset=opset, fp16=fp16, force=force, parity_data=parity_data, atol=atol)
+    typer.echo(f"wrote {out}: max abs diff vs PyTorch {report.get('max_diff')}")
+
+
+@app.command()
+def quantize(
+    artifact: Annotated[Path, typer.Argument(help="ONNX artifact folder (from export).")],
+    out: Annotated[Path, typer.Option("--out", help="Quantised artifact folder to write.")],
+    mode: Annotated[str, typer.Option("--mode", help="dynamic | static | fp16")] = "dynamic",
+    calib_data: Annotated[Optional[Path], typer.Option("--calib-data", help="Dataset root (static).")] = None,
+    calib_method: Annotated[str, typer.Option("--calib-method", help="minmax | entropy | percentile")] = "minmax",
+    calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="Calibration samples per tower.")] = 64,
+    backend: Annotated[str, typer.Option("--backend", help="ort | optimum")] = "ort",
+    towers: Annotated[str, typer.Option("--towers", help="Towers to quantise: image,text")] = "image,text",
+    eval_data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root: record metrics.")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Quantise an ONNX artifact (dynamic or static int8, fp16) into a new artifact."""
+    _setup_logging()
+    from .compress.quantize import quantize_artifact
+
+    report = quantize_artifact(artifact, out, mode=mode, calib_data=calib_data, calib_method=calib_method,
+                               calib_size=calib_size, backend=backend, towers=towers, force=force,
+                               eval_data=eval_data)
+    summary = {"out": str(out), "mode": report.get("mode"), "metrics": report.get("metrics")}
+    for tower, entry in report.get("towers", {}).items():
+        summary[tower] = {k: entry.get(k) for k in ("nodes", "cosine", "size_before", "size_after", "size_ratio") if k in entry}
+    _print_json(summary)
+
+
 @app.command("eval")
 def eval_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],

@@ -119,6 +119,16 @@ def train_recipe_dict(dataset: Path, output: Path, **sections: Any) -> dict[str,
 
 
 @pytest.fixture
+def train_recipe_data(tiny_dataset: Path) -> Callable[..., dict[str, Any]]:
+    """``train_recipe_data(output, **sections) -> dict``: a fast test-tiny train recipe on the tiny dataset."""
+
+    def make(output: Path, **sections: Any) -> dict[str, Any]:
+        return train_recipe_dict(tiny_dataset, output, **sections)
+
+    return make
+
+
+@pytest.fixture
 def make_train_recipe(tiny_dataset: Path) -> Callable[..., Any]:
     """``make_train_recipe(output, **sections) -> TrainRecipe`` on the tiny dataset."""
     from tbps_compress.recipes import TrainRecipe

@@ -318,3 +318,32 @@ def test_committed_ci_baseline() -> None:
     assert set(base["floors"]) == set(ci.RATIOS)
     for name, floor in base["floors"].items():
         assert 0 < floor < base["measured"][name], name
+
+
+def test_gpu_bench_standalone_model_matches_the_product() -> None:
+    """gpu_bench.py falls back to a plain-torch copy of the architecture when open_clip is missing: with the
+    product model's weights it must give the product's embeddings (same structure, names and operations)."""
+    import torch
+
+    from tbps_compress.models.config import get_model_config
+    from tbps_compress.models.factory import build_model, count_macs, count_parameters
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    assert spec is not None and spec.loader is not None
+    gb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gb)
+    for quick in (False, True):
+        cfg = dict(get_model_config("test-tiny"), quick_gelu=quick)
+        torch.manual_seed(0)
+        product = build_model(cfg).eval()
+        alone = gb.standalone_clip(cfg).eval()
+        alone.load_state_dict(product.state_dict(), strict=True)
+        assert count_parameters(alone) == count_parameters(product)
+        images = torch.randn(3, 3, 64, 32)
+        tokens = torch.stack([gb.caption_tokens(32, n, seed=n) for n in (5, 12, 32)])[:, 0]
+        with torch.no_grad():
+            torch.testing.assert_close(alone.encode_image(images, normalize=True),
+                                       product.encode_image(images, normalize=True), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(alone.encode_text(tokens, normalize=True),
+                                       product.encode_text(tokens, normalize=True), atol=1e-5, rtol=1e-5)
+    assert count_macs(cfg)["vision"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from conftest import TEST_THREADS, run_console_script, train_recipe_dict
 
 COMMANDS = ("synth", "train", "eval", "import", "data", "list")
 
@@ -42,7 +41,7 @@ def _assert_user_error(code: int, out: str, err: str, *needles: str) -> str:
 def test_help_is_fast_and_imports_no_torch() -> None:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _HELP_SCRIPT], capture_output=True, text=True, timeout=60,
-                          env={"OMP_NUM_THREADS": TEST_THREADS, "COLUMNS": "120", "PATH": ""}, check=False)
+                          env={**os.environ, "COLUMNS": "120"}, check=False)
     wall = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -55,12 +54,12 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     assert wall < 3.0, f"tbps-compress --help took {wall:.2f} s"
 
 
-def test_console_script_help() -> None:
-    proc = run_console_script(["--help"], timeout=60)
-    assert proc.returncode == 0, proc.stderr
+def test_console_script_help(run_cli_subprocess) -> None:
+    code, out, err = run_cli_subprocess(["--help"], timeout=60)
+    assert code == 0, err
     for command in COMMANDS:
-        assert command in proc.stdout
-    assert proc.stderr == ""
+        assert command in out
+    assert err == ""
 
 
 # ----------------------------------------------------------------------------------------------- user errors
@@ -93,10 +92,10 @@ def test_import_of_missing_checkpoint(run_cli, tmp_path: Path) -> None:
     assert not out_dir.exists()
 
 
-def test_train_with_batch_larger_than_the_data(run_cli, tiny_dataset: Path, tmp_path: Path) -> None:
+def test_train_with_batch_larger_than_the_data(run_cli, train_recipe_data, tmp_path: Path) -> None:
     out_dir = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(train_recipe_dict(tiny_dataset, out_dir)))
+    recipe.write_text(yaml.safe_dump(train_recipe_data(out_dir)))
     code, out, err = run_cli(["train", recipe, "--set", "optim.batch_size=1000"])
     _assert_user_error(code, out, err, "optim.batch_size", "1000")
     assert list(tmp_path.iterdir()) == [recipe], "a failed start must leave no output or checkpoint folder"
@@ -107,9 +106,8 @@ def test_unknown_model_config_on_import(run_cli, tmp_path: Path) -> None:
     _assert_user_error(code, out, err, "vit-z", "test-tiny")
 
 
-def test_user_error_through_the_console_script(tmp_path: Path) -> None:
-    proc = run_console_script(["data", "stats", tmp_path], timeout=60)
-    _assert_user_error(proc.returncode, proc.stdout, proc.stderr, str(tmp_path))
+def test_user_error_through_the_console_script(run_cli_subprocess, tmp_path: Path) -> None:
+    _assert_user_error(*run_cli_subprocess(["data", "stats", tmp_path], timeout=60), str(tmp_path))
 
 
 def test_usage_errors_exit_2_without_traceback(run_cli) -> None:
@@ -180,10 +178,10 @@ def test_eval_prints_a_table_and_writes_json(run_cli, tiny_teacher_artifact: Pat
         assert result[k] == pytest.approx(trained[k], abs=1e-6), k
 
 
-def test_train_command_end_to_end(run_cli, tiny_dataset: Path, tmp_path: Path) -> None:
+def test_train_command_end_to_end(run_cli, train_recipe_data, tmp_path: Path) -> None:
     out_dir = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(train_recipe_dict(tiny_dataset, out_dir)))
+    recipe.write_text(yaml.safe_dump(train_recipe_data(out_dir)))
     code, out, err = run_cli(["train", recipe, "--set", "optim.max_steps=2", "--set", "losses.c_itc.weight=0.1"])
     assert code == 0, err
     assert "R1" in out and "test" in out

@@ -18,7 +18,6 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from conftest import train_recipe_dict
 from tbps_compress.artifacts import open_artifact
 from tbps_compress.config import load_recipe
 from tbps_compress.data.loader import identity_subset
@@ -240,7 +239,7 @@ def test_batch_smaller_than_the_number_of_processes(make_train_recipe, tmp_path:
 
 
 # ----------------------------------------------------------------------------------------------- artifact
-def test_a_run_writes_a_complete_artifact(tiny_teacher_artifact: Path, tiny_dataset: Path) -> None:
+def test_a_run_writes_a_complete_artifact(tiny_teacher_artifact: Path, train_recipe_data) -> None:
     art = open_artifact(tiny_teacher_artifact)
     assert art.stage == "train" and art.kind == "torch"
     m = art.metrics
@@ -251,8 +250,7 @@ def test_a_run_writes_a_complete_artifact(tiny_teacher_artifact: Path, tiny_data
         assert 0.0 <= v <= 100.0
 
     recipe = load_recipe(tiny_teacher_artifact / "recipe.resolved.yaml", TrainRecipe)
-    assert recipe.model_dump() == TrainRecipe.model_validate(
-        train_recipe_dict(tiny_dataset, tiny_teacher_artifact)).model_dump()
+    assert recipe.model_dump() == TrainRecipe.model_validate(train_recipe_data(tiny_teacher_artifact)).model_dump()
 
     with open(tiny_teacher_artifact / "train_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -411,6 +411,8 @@ def export_onnx(
     vocab_map, unk_id, eot_id = None, None, EOT_ID
     if (src / VOCAB_MAP_FILE).is_file():
         vocab_map, unk_id, eot_id = _read_vocab_map(src / VOCAB_MAP_FILE)
+        if unk_id is None and (src / TOKENIZER_FILE).is_file():
+            unk_id = art.read_json(TOKENIZER_FILE).get("unk_id")
     if eot_id >= n_tokens:
         raise ArtifactError(f"{src}: the text tower has {n_tokens} token embeddings but the end-of-text id is "
                             f"{eot_id}" + ("" if vocab_map is not None else f" and there is no {VOCAB_MAP_FILE}"))
