@@ -134,6 +134,15 @@ def list_losses_cmd() -> None:
         typer.echo(name)
 
 
+@list_app.command("criteria")
+def list_criteria_cmd() -> None:
+    """Pruning importance criteria."""
+    from .compress.prune import list_criteria
+
+    for name in list_criteria():
+        typer.echo(name)
+
+
 @list_app.command("formats")
 def list_formats_cmd() -> None:
     """Dataset formats the readers accept."""
@@ -235,6 +244,43 @@ def quantize(
     for tower, entry in report.get("towers", {}).items():
         summary[tower] = {k: entry.get(k) for k in ("nodes", "cosine", "size_before", "size_after", "size_ratio") if k in entry}
     _print_json(summary)
+
+
+@app.command()
+def prune(
+    recipe: Annotated[Path, typer.Argument(help="Prune recipe YAML (see recipes/prune/).")],
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after the last finished round.")] = False,
+    force: ForceOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Prune widths, heads and layers (torch-pruning), recovering by distillation after each round."""
+    _setup_logging(verbose)
+    from .compress.prune import load_prune_recipe, run_prune
+
+    out = run_prune(load_prune_recipe(recipe, set_), resume=resume, force=force, progress=RichProgress())
+    _report_artifact(out)
+
+
+@app.command()
+def probe(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder to probe.")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset root.")],
+    split: Annotated[str, typer.Option(help="Split to measure R@1 on.")] = "val",
+    threshold: Annotated[float, typer.Option(help="C2: largest R@1 drop allowed, in points.")] = 3.0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for probe.json/.md/.png.")] = None,
+    parent: Annotated[Optional[Path], typer.Option("--parent", help="Initial weights for C2 (an artifact).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    force: ForceOpt = False,
+) -> None:
+    """The paper's module-importance probe: C1 (R@1 drop when a layer is removed) and C2 per layer and tower."""
+    _setup_logging()
+    from .compress.probe import probe as run_probe
+
+    run_probe(artifact, data, split=split, threshold=threshold, out_dir=out, parent=parent, device=device,
+              batch_size=batch_size, force=force)
+    typer.echo(f"wrote {out or str(artifact) + '-probe'}")
 
 
 @app.command("eval")

@@ -227,4 +227,4 @@ class Pipeline:
 
     @staticmethod
     def _resumable(out: Path) -> bool:
-        return (out.parent / f"{out.name}.ckpt" / "last.ckpt").exists()
+        return (out.parent / f"{out.name}.ckpt" / "last.ckpt").exists() or (out.parent / f"{out.name}.steps").is_dir()

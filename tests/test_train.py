@@ -184,17 +184,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _dist_worker(rank: int, world: int, port: int, recipe_json: str, batch_path: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def _dist_worker(rank: int, world: int, port: int, tr: Trainer, snap: _Snapshot, batch: dict[str, torch.Tensor],
+                 out_dir: str) -> None:
+    """A forked rank: the parent's prepared trainer (same weights) steps on this rank's half of the batch."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     assert dist.setup_from_env(backend="gloo")
     try:
-        tr = _prepared(TrainRecipe.model_validate_json(recipe_json))
-        batch = torch.load(batch_path, weights_only=True)
+        assert dist.world_size() == world and dist.rank() == rank
         b = batch["pid"].shape[0] // world
         local = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
-        snap = _Snapshot(tr)
+        snap.restore(tr)
         tr.step(local, progress=0.5)
         torch.save(_grads(tr), Path(out_dir) / f"global{rank}.pt")
         snap.restore(tr)
@@ -205,28 +205,34 @@ def _dist_worker(rank: int, world: int, port: int, recipe_json: str, batch_path:
         dist.cleanup()
 
 
+def _relative_errors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor: max |actual - expected| / max |expected| (float32 sums in another order differ by ~1e-6)."""
+    assert set(actual) == set(expected), set(actual) ^ set(expected)
+    return {k: float((actual[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-12))
+            for k in expected}
+
+
 def test_two_processes_with_global_gradients_match_one_process(make_train_recipe, tmp_path: Path) -> None:
     """Two gloo ranks, each stepping on half of a batch with features gathered WITH gradient, end up (after the
     trainer's all-reduce average) with the gradients of one process stepping on the whole batch."""
-    sections: dict[str, Any] = {"losses": {"n_itc": {"weight": 1.0}, "r_itc": {"weight": 1.0}},
-                                "tricks": {"text_attn_dropout": 0.0, "global_gradients": True}}
-    single = _prepared(make_train_recipe(tmp_path / "single", **sections, optim={"batch_size": 8}))
-    batch = next(iter(single.loader))
-    batch_path = tmp_path / "batch.pt"
-    torch.save(batch, batch_path)
-    single.step(batch, progress=0.5)
-    reference = _grads(single)
-
-    per_rank = make_train_recipe(tmp_path / "ranks", **sections, optim={"batch_size": 4})
-    mp.spawn(_dist_worker, args=(2, _free_port(), per_rank.model_dump_json(), str(batch_path), str(tmp_path)),
-             nprocs=2, join=True)
+    tr = _prepared(make_train_recipe(tmp_path / "out", losses={"n_itc": {"weight": 1.0}, "r_itc": {"weight": 1.0}},
+                                     tricks={"text_attn_dropout": 0.0, "global_gradients": True},
+                                     optim={"batch_size": 8}))
+    batch = next(iter(tr.loader))
+    snap = _Snapshot(tr)
+    tr.step(batch, progress=0.5)
+    reference = _grads(tr)
+    # fork: the ranks inherit the prepared trainer and the warm imports (spawning would re-import torch twice)
+    mp.start_processes(_dist_worker, args=(2, _free_port(), tr, snap, batch, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     g0, g1 = (torch.load(tmp_path / f"global{r}.pt", weights_only=True) for r in (0, 1))
     assert _max_diff(g0, g1)[0] == 0.0, "ranks must hold identical gradients after the all-reduce"
-    diff, name = _max_diff(g0, reference)
-    assert diff < 1e-6, f"{name}: {diff}"
+    errors = _relative_errors(g0, reference)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-5, f"{worst}: relative error {errors[worst]:.2e}"
     # without global gradients the other rank's features are constants: the gradients differ
     local = torch.load(tmp_path / "local0.pt", weights_only=True)
-    assert _max_diff(local, reference)[0] > 1e-4
+    assert max(_relative_errors(local, reference).values()) > 0.1
 
 
 def test_batch_smaller_than_the_number_of_processes(make_train_recipe, tmp_path: Path,
