@@ -283,6 +283,31 @@ def probe(
     typer.echo(f"wrote {out or str(artifact) + '-probe'}")
 
 
+@app.command("run")
+def run_cmd(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline recipe YAML (see recipes/pipeline/).")],
+    set_: SetOpt = None,
+    from_stage: Annotated[Optional[str], typer.Option("--from", help="Force this stage and those after it.")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run a pipeline: data, teacher, students, ONNX, quantisation, benchmark; up-to-date stages are skipped."""
+    _setup_logging(verbose)
+    import time
+
+    from .pipeline import Pipeline, load_pipeline
+
+    t0 = time.time()
+    recipe = load_pipeline(pipeline, set_)
+    result = Pipeline(recipe, pipeline, progress_factory=RichProgress).run(from_stage=from_stage, only=only)
+    bench = [s for s in recipe.stages if s.kind == "bench"]
+    if bench:
+        table = Path(recipe.run_dir) / bench[-1].name / "bench.md"
+        if table.exists():
+            typer.echo(table.read_text())
+    typer.echo(f"pipeline finished in {time.time() - t0:.0f} s; stage times (s): {result['timings_s']}")
+
+
 @app.command("eval")
 def eval_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],
