@@ -194,7 +194,7 @@ def build_candidates(work: Path, threads: int) -> dict[str, dict[str, Callable[[
 
 
 def measure_medians(fns: Mapping[str, Mapping[str, Callable[[], Any]]], deadline: float,
-                    rounds: int = 15) -> dict[str, dict[str, float]]:
+                    rounds: int = 30) -> dict[str, dict[str, float]]:
     """Interleaved timings per tower; the image tower gets most of the time left before ``deadline``."""
     from tbps_compress.bench.latency import interleaved
 
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="intra-op threads for PyTorch and onnxruntime (default 1, see the module docs)")
     p.add_argument("--budget-s", type=float, default=95.0,
                    help="stop timing when this many seconds have passed since start (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds per tower, at most (default %(default)s)")
     p.add_argument("--json", type=Path, default=None, help="also write medians and ratios here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = start + args.budget_s
         if deadline - time.perf_counter() < 12:
             deadline = time.perf_counter() + 12  # always leave time for a few rounds
-        medians = measure_medians(fns, deadline)
+        medians = measure_medians(fns, deadline, rounds=args.rounds)
     ratios = compute_ratios(medians)
     elapsed = time.perf_counter() - start
     info = machine_info(threads)

@@ -308,6 +308,34 @@ def run_cmd(
     typer.echo(f"pipeline finished in {time.time() - t0:.0f} s; stage times (s): {result['timings_s']}")
 
 
+@app.command()
+def bench(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact folders (torch and/or ONNX).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root (retrieval metrics).")] = None,
+    runtimes: Annotated[str, typer.Option(help="torch,onnxruntime")] = "torch,onnxruntime",
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    batch: Annotated[str, typer.Option("--batch", help="Gallery batch sizes, e.g. 1,32.")] = "1,32",
+    split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
+    gallery_size: Annotated[int, typer.Option(help="Embeddings in the search-latency gallery.")] = 10000,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for CSV/JSON/Markdown/PNG.")] = None,
+    warmup: Annotated[int, typer.Option(min=0)] = 3,
+    reps: Annotated[int, typer.Option(min=1)] = 20,
+    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: library default).")] = None,
+    export_torch: Annotated[bool, typer.Option("--export-torch", help="Export torch artifacts for ORT.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="Also torch.compile (CUDA).")] = False,
+    format: Annotated[Optional[str], typer.Option("--format", help="Dataset format.")] = None,
+) -> None:
+    """Accuracy against latency for artifacts x runtimes x precisions: table, CSV/JSON and a Pareto plot."""
+    _setup_logging()
+    from .bench import run_bench
+    from .bench.report import print_table
+
+    rows = run_bench(artifacts, data, runtimes=runtimes, device=device, batches=batch, split=split,
+                     gallery_size=gallery_size, warmup=warmup, reps=reps, threads=threads, out=out,
+                     export_torch=export_torch, compile=compile, format=format)
+    print_table(rows)
+
+
 @app.command("eval")
 def eval_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],

@@ -347,3 +347,21 @@ def test_gpu_bench_standalone_model_matches_the_product() -> None:
             torch.testing.assert_close(alone.encode_text(tokens, normalize=True),
                                        product.encode_text(tokens, normalize=True), atol=1e-5, rtol=1e-5)
     assert count_macs(cfg)["vision"] > 0
+
+
+def test_ci_main_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The whole main() flow with the measurement replaced by fixed medians: pass, then a regression fails."""
+    ci = _ci_module()
+    medians = {"image": {"teacher_pt": 300.0, "student_pt": 100.0, "student_ort": 80.0, "student_int8": 64.0},
+               "text": {"teacher_pt": 30.0, "student_pt": 10.0, "student_ort": 5.0, "student_int8": 5.0}}
+    monkeypatch.setattr(ci, "build_candidates", lambda work, threads: {})
+    monkeypatch.setattr(ci, "measure_medians", lambda fns, deadline, rounds=30: medians)
+    base = tmp_path / "base.json"
+    assert ci.main(["--update-baseline", "--baseline", str(base)]) == 0
+    assert json.loads(base.read_text())["floors"]["student_vs_teacher_image"] == 2.1
+    assert ci.main(["--baseline", str(base), "--json", str(tmp_path / "m.json")]) == 0
+    assert "all ratios are above their floors" in capsys.readouterr().out
+    medians["image"]["student_pt"] = 250.0  # the student became almost as slow as the teacher
+    assert ci.main(["--baseline", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "student_vs_teacher_image = 1.20 is below its floor 2.10" in err

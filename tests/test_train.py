@@ -212,19 +212,28 @@ def _relative_errors(actual: dict[str, torch.Tensor], expected: dict[str, torch.
             for k in expected}
 
 
-def test_two_processes_with_global_gradients_match_one_process(make_train_recipe, tmp_path: Path) -> None:
-    """Two gloo ranks, each stepping on half of a batch with features gathered WITH gradient, end up (after the
-    trainer's all-reduce average) with the gradients of one process stepping on the whole batch."""
-    tr = _prepared(make_train_recipe(tmp_path / "out", losses={"n_itc": {"weight": 1.0}, "r_itc": {"weight": 1.0}},
-                                     tricks={"text_attn_dropout": 0.0, "global_gradients": True},
-                                     optim={"batch_size": 8}))
+def _dist_launcher(_index: int, recipe_json: str, out_dir: str) -> None:
+    """Runs in a fresh (spawned) process: one step on the whole batch as the reference, then two forked gloo ranks.
+    Forking from the pytest process itself is unsafe once any earlier test has started autograd's worker threads;
+    forking the ranks from here keeps them cheap (no re-import, no re-prepare)."""
+    torch.set_num_threads(1)
+    tr = _prepared(TrainRecipe.model_validate_json(recipe_json))
     batch = next(iter(tr.loader))
     snap = _Snapshot(tr)
     tr.step(batch, progress=0.5)
-    reference = _grads(tr)
-    # fork: the ranks inherit the prepared trainer and the warm imports (spawning would re-import torch twice)
-    mp.start_processes(_dist_worker, args=(2, _free_port(), tr, snap, batch, str(tmp_path)), nprocs=2, join=True,
+    torch.save(_grads(tr), Path(out_dir) / "reference.pt")
+    mp.start_processes(_dist_worker, args=(2, _free_port(), tr, snap, batch, out_dir), nprocs=2, join=True,
                        start_method="fork")
+
+
+def test_two_processes_with_global_gradients_match_one_process(make_train_recipe, tmp_path: Path) -> None:
+    """Two gloo ranks, each stepping on half of a batch with features gathered WITH gradient, end up (after the
+    trainer's all-reduce average) with the gradients of one process stepping on the whole batch."""
+    recipe = make_train_recipe(tmp_path / "out", losses={"n_itc": {"weight": 1.0}, "r_itc": {"weight": 1.0}},
+                               tricks={"text_attn_dropout": 0.0, "global_gradients": True}, optim={"batch_size": 8})
+    mp.start_processes(_dist_launcher, args=(recipe.model_dump_json(), str(tmp_path)), nprocs=1, join=True,
+                       start_method="spawn")
+    reference = torch.load(tmp_path / "reference.pt", weights_only=True)
     g0, g1 = (torch.load(tmp_path / f"global{r}.pt", weights_only=True) for r in (0, 1))
     assert _max_diff(g0, g1)[0] == 0.0, "ranks must hold identical gradients after the all-reduce"
     errors = _relative_errors(g0, reference)

@@ -166,7 +166,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None =
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(k), f).replace("|", "/") for _, k, f in cols) + " |")
     notes = [f"- {r['label']}: {r['status']}" for r in rows if str(r.get("status", "")) != "ok"]
-    notes += [f"- {r['label']}: {r['notes']}" for r in rows if r.get("notes")]
+    grouped: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("notes") and str(r.get("status")) == "ok":
+            grouped.setdefault(str(r["notes"]), []).append(str(r["label"]))
+    notes += [f"- {', '.join(labels)}: {note}" for note, labels in grouped.items()]
     out = "\n".join(lines) + "\n"
     if notes:
         out += "\nNotes:\n\n" + "\n".join(notes) + "\n"

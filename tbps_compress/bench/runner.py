@@ -311,9 +311,9 @@ def run_bench(
     artifacts: Sequence[Path],
     data: Path | None = None,
     *,
-    runtimes: Sequence[str] = RUNTIMES,
+    runtimes: str | Sequence[str] = RUNTIMES,
     device: str = "cpu",
-    batches: Sequence[int] = (1, 32),
+    batches: str | Sequence[int] = (1, 32),
     split: str = "test",
     gallery_size: int = 10_000,
     warmup: int = 3,
@@ -334,10 +334,11 @@ def run_bench(
     Args:
         artifacts: artifact folders (any stage).
         data: dataset root for the retrieval metrics on ``split``; None measures latency only.
-        runtimes: any of ``'torch'`` and ``'onnxruntime'``.
+        runtimes: any of ``'torch'`` and ``'onnxruntime'`` (a list, or a comma-separated string as on the CLI).
         device: ``'cpu'`` or ``'cuda'`` (``'cuda:N'``): PyTorch fp32 (+ fp16, bf16 on CUDA); onnxruntime's CPU
             provider, or its CUDA and TensorRT providers on CUDA.
-        batches: image batch sizes timed; the gallery throughput (``image_ips``) is taken at 32 or the largest.
+        batches: image batch sizes timed (list or ``"1,32"``); the gallery throughput (``image_ips``) is taken
+            at 32 or the largest.
         gallery_size: N random normalised gallery embeddings for the end-to-end search latency.
         warmup, reps: untimed and timed calls per measurement.
         threads: intra-op threads for PyTorch and onnxruntime (None: their defaults).

@@ -107,6 +107,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         grad = grad.contiguous().clone()
+        tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
         start, end = ctx.bounds
         return grad[start:end]
 
