@@ -12,6 +12,8 @@ half artifact that looks whole. Existing folders are only replaced with ``force=
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import logging
@@ -79,6 +81,31 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise UserError(f"{out}: output already exists; choose another --out or pass --force to replace it")
 
 
+# Errors of the output location (disk full, quota, read-only, permissions): reported as one-line UserErrors.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` siblings left by a killed writer (its PID is gone)."""
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        rest = p.name[len(out.name) + 2:]
+        kind, _, tail = rest.partition("-")
+        pid = tail.split("-", 1)[0]
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            log.info("removing %s, left by an interrupted stage", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def write_artifact(
     out: Path, *, stage: str, parent: Path | None = None, force: bool = False, extra_lineage: dict | None = None
@@ -87,10 +114,19 @@ def write_artifact(
     ``out`` (replacing an existing folder only with ``force``). On error the temporary folder is removed."""
     out = Path(out)
     check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{out.parent}: cannot create the output folder ({exc.strerror or exc}); "
+                        "choose another --out") from exc
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"{out.parent}: output folder is not writable; choose a writable --out")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_stale_temporaries(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"{out.parent}: cannot write the output folder ({exc.strerror or exc}); "
+                        "choose a writable --out") from exc
     try:
         yield tmp
         files = _hash_tree(tmp)
@@ -120,8 +156,12 @@ def write_artifact(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            what = f"{exc.filename}: " if exc.filename else ""
+            raise UserError(f"{out}: not written ({what}{exc.strerror or exc}); nothing was changed; free space or "
+                            "choose a writable --out") from exc
         raise
 
 

@@ -421,6 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    except OSError as exc:  # disk full, quota, read-only or forbidden output: the user's to fix, not a crash
+        from .artifacts import WRITE_ERRNOS
+
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}; free space or fix the permissions, then run again",
+                   err=True)
+        return 2
     except Exception as exc:  # usage errors: click's, or those of the click copy vendored in typer >= 0.2x
         import click
 

@@ -155,7 +155,8 @@ class Pipeline:
                 continue
             key = self.stage_key(st)
             out = self.out(st.name)
-            done = (out / "lineage.json").exists() and state.get(st.name) == key
+            marker = out / ("bench.json" if st.kind == "bench" else "lineage.json")
+            done = marker.exists() and state.get(st.name) == key
             if done and not forced:
                 from .artifacts import verify_artifact
 

@@ -50,6 +50,7 @@ from .evaluate import embed_split, retrieval_metrics
 log = logging.getLogger(__name__)
 
 CKPT_NAME = "last.ckpt"
+DIGEST_SUFFIX = ".sha256"  # last.ckpt.sha256: the checkpoint's SHA-256 (current and previous)
 
 
 class Interrupted(UserError):
@@ -611,25 +612,54 @@ class Trainer:
         }
 
     def _save_checkpoint(self, path: Path, state: TrainState, best_state) -> None:
+        """Write ``path`` atomically (temporary file, then rename) with its SHA-256 in ``path.sha256``. The digest
+        file is replaced first and accepts the new and the previous digest, so a kill between the two renames
+        leaves a consistent pair; a checkpoint changed after writing is refused by :meth:`_load_checkpoint`."""
         if not dist.is_main():
             return
         tmp = path.with_name(path.name + ".tmp")
+        digest_path = path.with_name(path.name + DIGEST_SUFFIX)
+        digest_tmp = digest_path.with_name(digest_path.name + ".tmp")
         try:
-            torch.save(self._checkpoint_payload(state, best_state), tmp)
+            with open(tmp, "wb") as f:  # a file object: a full disk raises OSError (a path gives a RuntimeError)
+                hashing = _HashingWriter(f)
+                torch.save(self._checkpoint_payload(state, best_state), hashing)
+            previous = _accepted_digests(digest_path)[:1]
+            digest_tmp.write_text(json.dumps({"sha256": [hashing.hexdigest(), *previous]}) + "\n")
+            os.replace(digest_tmp, digest_path)
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
-            raise UserError(f"{path}: cannot write checkpoint ({exc.strerror or exc}); the previous checkpoint "
+            digest_tmp.unlink(missing_ok=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise UserError(f"{path}: cannot write checkpoint ({reason}); the previous checkpoint "
                             "is kept; free space or fix permissions, then --resume") from exc
 
     def _load_checkpoint(self, path: Path) -> tuple[TrainState, dict | None]:
+        import pickle
+
+        from ..artifacts import sha256_file
+
         if not path.exists():
             raise UserError(f"{path}: no checkpoint to resume from; start without --resume")
+        digest_path = path.with_name(path.name + DIGEST_SUFFIX)
+        accepted = _accepted_digests(digest_path)
+        if not accepted:
+            log.warning("%s: no readable %s; the checkpoint's integrity is not checked", path, digest_path.name)
+        elif sha256_file(path) not in accepted:
+            raise CheckpointError(f"{path}: content does not match the hash in {digest_path.name} (changed or "
+                                  "corrupted after writing); restore it or start over with --force")
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
+                                  "data (possibly code); start over with --force") from exc
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a user-facing error
             raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "
                                   "start over with --force") from exc
+        if not isinstance(ck, dict) or not {"model", "heads", "optimizer", "scaler", "rng", "state"} <= set(ck):
+            raise CheckpointError(f"{path}: not a training checkpoint of this tool (keys missing); "
+                                  "start over with --force")
         mine = json.dumps(self.model.tbps_config, sort_keys=True)
         if ck.get("model_config") != mine:
             what = getattr(self.recipe.model, "config", f"of this {self.stage} recipe")
@@ -701,6 +731,34 @@ class Trainer:
     def _restore_signal_handlers(old) -> None:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through (for ``torch.save``)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self._h = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self._h.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _accepted_digests(path: Path) -> list[str]:
+    """Digests a checkpoint may have (newest first) from its ``.sha256`` file; empty when missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    digests = data.get("sha256") if isinstance(data, dict) else None
+    return [d for d in digests if isinstance(d, str)] if isinstance(digests, list) else []
 
 
 class _CsvLog:

@@ -31,13 +31,18 @@ log = logging.getLogger(__name__)
 def save_model(model: nn.Module, folder: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model_config.json`` (read back from the module, so pruned shapes are exact) and
     ``weights.safetensors``. Returns the config written."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     cfg = config_from_model(model, cfg if cfg is not None else getattr(model, "tbps_config", None))
     folder = Path(folder)
     dump_model_config(cfg, folder / MODEL_CONFIG)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"format": "tbps_compress"})
+    try:
+        save_file(state, str(folder / WEIGHTS), metadata={"format": "tbps_compress"})
+    except SafetensorError as exc:  # disk full etc. (safetensors reports I/O errors with its own type)
+        raise ArtifactError(f"{folder / WEIGHTS}: cannot write the weights ({exc}); free space or choose "
+                            "another output folder") from exc
     return cfg
 
 
