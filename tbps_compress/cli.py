@@ -409,7 +409,7 @@ def search(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="tbps-compress")
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
@@ -433,9 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # usage errors: click's, or those of the click copy vendored in typer >= 0.2x
         import click
 
-        if isinstance(exc, click.ClickException | typer.TyperException) and callable(getattr(exc, "show", None)):
-            exc.show()
-            return exc.exit_code
+        if isinstance(exc, click.ClickException | typer.TyperException) and callable(
+                getattr(exc, "format_message", None)):
+            # one line, like every user error: the message and where to read the usage
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(exc.format_message().split()).rstrip('.')}{hint}", err=True)
+            return int(getattr(exc, "exit_code", 2))
         raise
     return 0
 

@@ -76,6 +76,16 @@ class ModelCfg(Strict):
     checkpoint: str | None = Field(None, description="Local OpenAI / open_clip checkpoint to initialise from.")
     init_artifact: str | None = Field(None, description="Initialise from another artifact's weights.")
 
+    @field_validator("config")
+    @classmethod
+    def _known_config(cls, v: str) -> str:
+        from .models.config import list_models
+
+        if v not in list_models() and not v.endswith(".json"):
+            raise ValueError(f"unknown model config {v!r}; registered: {', '.join(list_models())} "
+                             "(or give a path to a .json file)")
+        return v
+
 
 class TricksCfg(Strict):
     global_gradients: bool = Field(True, description="All-gather features WITH gradient across ranks.")

@@ -777,8 +777,12 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = Fa
 
     r = recipe
     teacher_path = Path(r.teacher.artifact)
+    out = Path(r.output)
     if not resume:
-        check_output_dir(Path(r.output), force)
+        check_output_dir(out, force)
+    elif not (out / "lineage.json").exists() and not (out.parent / f"{out.name}.ckpt" / "last.ckpt").exists():
+        raise UserError(f"{out.parent / f'{out.name}.ckpt' / 'last.ckpt'}: no checkpoint to resume from; "
+                        "start without --resume")
     started = dist.setup_from_env()
     try:
         teacher, teacher_hash = _load_teacher(teacher_path)

@@ -246,6 +246,8 @@ class Trainer:
                                     "or --force to start over")
             elif out.exists() and (out / "lineage.json").exists() and not force:
                 raise UserError(f"{out}: this run already finished; nothing to resume (use --force to retrain)")
+            elif not (work / CKPT_NAME).exists():  # say so before loading data and building the model
+                raise UserError(f"{work / CKPT_NAME}: no checkpoint to resume from; start without --resume")
             return self._run(out, work, resume, force)
         finally:
             if started_dist:
