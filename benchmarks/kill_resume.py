@@ -66,7 +66,7 @@ def train_recipe(data: Path, output: Path, every: int) -> dict[str, Any]:
 def distill_recipe(data: Path, output: Path, teacher: Path, every: int) -> dict[str, Any]:
     return {
         "output": str(output), "seed": 0, "device": "cpu", "data": {"root": str(data)},
-        "teacher": {"artifact": str(teacher), "cache": str(output.parent / f"{output.name}-cache.safetensors"),
+        "teacher": {"artifact": str(teacher), "cache": str(output.parent / "teacher-cache.safetensors"),
                     "cache_dtype": "float32"},
         "student": {"config": "test-tiny", "inline": {"vision": {"width": 32, "heads": 2}, "text": {"width": 32}},
                     "init": "inherit", "vocab_prune": True},
@@ -97,8 +97,10 @@ class Run:
     in_ckpt_write: bool = False  # last.ckpt.tmp existed when the kill landed
 
 
-def run_cli(stage: str, recipe: Path, *, resume: bool, kill_after: float | None, log_dir: Path) -> Run:
-    """Run ``tbps-compress STAGE RECIPE [--resume]``; SIGKILL it after ``kill_after`` seconds (None: let it end)."""
+def run_cli(stage: str, recipe: Path, *, resume: bool, kill_after: float | None, log_dir: Path,
+            at_write: bool = False) -> Run:
+    """Run ``tbps-compress STAGE RECIPE [--resume]``; SIGKILL it after ``kill_after`` seconds (None: let it end),
+    with ``at_write`` at the first moment after that when a checkpoint is being written (``last.ckpt.tmp``)."""
     out = Path(yaml.safe_load(recipe.read_text())["output"])
     ckpt = out.parent / f"{out.name}.ckpt" / "last.ckpt"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -114,10 +116,11 @@ def run_cli(stage: str, recipe: Path, *, resume: bool, kill_after: float | None,
                 first = now
             if kill_after is not None and now >= kill_after:
                 during = ckpt.with_name(ckpt.name + ".tmp").exists()
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                return Run(None, now, err_path.read_text(), first, during)
-            time.sleep(0.01)
+                if during or not at_write:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    return Run(None, now, err_path.read_text(), first, during)
+            time.sleep(0.001 if at_write and kill_after is not None and now >= kill_after else 0.01)
     return Run(proc.returncode, time.monotonic() - t0, err_path.read_text(), first)
 
 
@@ -143,8 +146,7 @@ def check_after_kill(out: Path) -> dict[str, Any]:
     for p in out.parent.iterdir():
         if p.name.startswith(f".{out.name}.tmp-") or p.name.startswith(f".{out.name}.old-"):
             found["temporaries"].append(p.name)
-        elif p.name.startswith(out.name) and p.name not in (out.name, f"{out.name}.ckpt") \
-                and not p.name.endswith("-cache.safetensors"):
+        elif p.name.startswith(out.name) and p.name not in (out.name, f"{out.name}.ckpt"):
             raise AssertionError(f"unexpected {p} next to the output")
     ckpt = out.parent / f"{out.name}.ckpt" / "last.ckpt"
     if ckpt.exists():
@@ -196,27 +198,37 @@ class Trial:
 
 
 def kill_resume_trial(stage: str, index: int, recipe: Path, reference: Path, rng: random.Random,
-                      window: tuple[float, float, float], max_kills: int = 3) -> Trial:
+                      window: list[float], max_kills: int = 3) -> Trial:
     """Kill once (and again with probability 1/2 per run, up to ``max_kills``), resume to the end, compare.
-    ``window``: (earliest, first checkpoint, end) in seconds after the start; a kill lands in the first part with
-    probability 1/4, else in the second."""
+    ``window``: [earliest, first checkpoint, end] in seconds after the start; a kill lands in the first part with
+    probability 1/4, else in the second (a third of those at the next checkpoint write). When the first run of the
+    trial ends before its kill (the machine got faster), the window shrinks to that run and the trial starts over."""
     trial = Trial(stage, index)
     out = Path(yaml.safe_load(recipe.read_text())["output"])
     logs = out.parent / "logs"
     resume = False
     while True:
         kill = len(trial.kills) == 0 or (len(trial.kills) < max_kills and rng.random() < 0.5)
-        delay = None
+        delay, at_write = None, False
         if kill:  # mostly while training (checkpoints exist), sometimes during start-up (none yet)
             lo, first, end = window
-            delay = rng.uniform(first, end) if rng.random() < 0.75 else rng.uniform(lo, first)
-        run = run_cli(stage, recipe, resume=resume, kill_after=delay, log_dir=logs)
+            late = rng.random() < 0.75
+            delay = rng.uniform(first, end) if late else rng.uniform(lo, first)
+            at_write = late and rng.random() < 1 / 3
+        run = run_cli(stage, recipe, resume=resume, kill_after=delay, log_dir=logs, at_write=at_write)
         trial.runs += 1
         if run.code is None:
             state = check_after_kill(out)
             trial.kills.append({"after_s": round(run.seconds, 2), "resume_run": resume,
                                 "during_checkpoint_write": run.in_ckpt_write, **state})
             resume = True
+            continue
+        if run.code == 0 and not trial.kills:  # ended before its kill: recalibrate and start over
+            window[2] = 0.95 * run.seconds
+            window[1] = min(window[1], run.first_ckpt_s or window[1], 0.8 * window[2])
+            window[0] = min(window[0], 0.5 * window[1])
+            shutil.rmtree(out)
+            trial.runs = 0
             continue
         if run.code == 0:
             break
@@ -281,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in stages:
             ref = results["reference"][stage]
             # from well before the first checkpoint (import, data, model) to the very end (eval, artifact write)
-            window = (0.3 * ref["first_checkpoint_s"], ref["first_checkpoint_s"], ref["seconds"])
+            window = [0.3 * ref["first_checkpoint_s"], ref["first_checkpoint_s"], ref["seconds"]]
             for i in range(args.trials):
                 out = work / f"{stage}-{i}" / "out"
                 shutil.rmtree(out.parent, ignore_errors=True)

@@ -54,8 +54,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None, source: s
             raise ConfigError(f"{source} {item!r}: empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source} {item!r}: value is not valid YAML ({exc})") from exc
+        except yaml.YAMLError as exc:  # one line: the problem without PyYAML's multi-line context
+            problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
+            raise ConfigError(f"{source} {item!r}: value is not valid YAML ({problem})") from exc
         node = data
         for p in parts[:-1]:
             child = node.get(p)

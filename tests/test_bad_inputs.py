@@ -347,6 +347,10 @@ CASES: list[tuple[str, Callable[[Ctx], None], list[str], list[str]]] = [
     ("recipe-data-root-missing", recipe_with(data={"root": "{w}/nowhere"}), ["train", R], ["{w}/nowhere"]),
     ("recipe-checkpoint-missing", recipe_with(model={"config": "test-tiny", "checkpoint": "{w}/no.pt"}),
      ["train", R], ["{w}/no.pt", "not found"]),
+    ("recipe-output-under-a-file", lambda ctx: (a_file("afile")(ctx), write_recipe(ctx, output="{w}/afile/run")),
+     ["train", R], ["{w}/afile/run"]),
+    ("recipe-output-under-proc", recipe_with(output="/proc/tbps-compress-test/run"), ["train", R],
+     ["/proc/tbps-compress-test/run"]),
     ("recipe-dataset-bad-entry", lambda ctx: (dataset_edit(_set(2, id="seven"))(ctx),
                                               write_recipe(ctx, data={"root": str(ctx.w / "ds")})),
      ["train", R], [RAW, "entry 2", "'id'"]),
@@ -440,8 +444,7 @@ CASES: list[tuple[str, Callable[[Ctx], None], list[str], list[str]]] = [
      ["/proc/tbps-compress-test"]),
 ]
 # Rows also run through the installed console script (a fresh process).
-SUBPROCESS = {"recipe-yaml-syntax", "data-id-not-integer", "ckpt-pickle-payload", "onnx-wrong-inputs-eval",
-              "cli-unknown-option"}
+SUBPROCESS = {"cli-unknown-option", "data-id-not-integer", "ckpt-pickle-payload"}
 
 
 @pytest.fixture
@@ -476,7 +479,7 @@ def test_catalogue_is_large_and_names_are_unique() -> None:
 
 @pytest.mark.parametrize(("name", "setup", "argv", "expect"), CASES, ids=[c[0] for c in CASES])
 def test_bad_input(name: str, setup, argv: list[str], expect: list[str], ctx: Ctx, run_cli) -> None:
-    print(_check(ctx, setup, argv, expect, run_cli))
+    _check(ctx, setup, argv, expect, run_cli)
 
 
 @pytest.mark.parametrize(("name", "setup", "argv", "expect"), [c for c in CASES if c[0] in SUBPROCESS],

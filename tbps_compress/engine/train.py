@@ -317,7 +317,11 @@ class Trainer:
         b, world = r.optim.batch_size, dist.world_size()
         state = TrainState()
         best_state: dict[str, torch.Tensor] | None = None
-        work.mkdir(parents=True, exist_ok=True)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{work}: cannot create the checkpoint folder ({exc.strerror or exc}); choose another "
+                            "output") from exc
         log_path = work / "train_log.csv"
         if resume:
             state, best_state = self._load_checkpoint(work / CKPT_NAME)
@@ -633,7 +637,10 @@ class Trainer:
         except (OSError, RuntimeError) as exc:
             tmp.unlink(missing_ok=True)
             digest_tmp.unlink(missing_ok=True)
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = exc.strerror
+            else:  # torch's zip writer reports a short write (a full disk) as a RuntimeError
+                reason = f"the write failed, is the disk full? {' '.join(str(exc).split())}"
             raise UserError(f"{path}: cannot write checkpoint ({reason}); the previous checkpoint "
                             "is kept; free space or fix permissions, then --resume") from exc
 
@@ -654,8 +661,10 @@ class Trainer:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            from ..models.io import unpickling_reason
+
             raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
-                                  "data (possibly code); start over with --force") from exc
+                                  f"data (possibly code: {unpickling_reason(exc)}); start over with --force") from exc
         except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a user-facing error
             raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "
                                   "start over with --force") from exc

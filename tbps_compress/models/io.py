@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,15 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def unpickling_reason(exc: BaseException) -> str:
+    """The specific reason in a ``torch.load(weights_only=True)`` refusal (torch's advice, which suggests turning
+    the safety off, and its terminal colour codes dropped)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.S)
+    reason = m.group(1) if m else (text.splitlines() or [""])[0]
+    return " ".join(reason.split()) or type(exc).__name__
+
+
 def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a local checkpoint file, never unpickling arbitrary code."""
     path = Path(path)
@@ -112,15 +122,18 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         except (RuntimeError, ValueError) as exc:
             raise CheckpointError(f"{path}: TorchScript archive cannot be read ({exc})") from exc
         return {k: v.detach().clone() for k, v in scripted.state_dict().items()}
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused: the file holds pickled objects other than tensors (possibly code); only plain "
-            f"state dicts are loaded ({str(exc).splitlines()[0]})"
+            f"state dicts are loaded ({unpickling_reason(exc)})"
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {exc}") from exc
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
