@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +26,7 @@ list_app = typer.Typer(help="List registered models, losses and dataset formats.
 app.add_typer(data_app, name="data")
 app.add_typer(list_app, name="list")
 
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe key: key.path=value.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key.path=value.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 
 
@@ -86,8 +86,8 @@ def synth(
     captions_per_image: Annotated[int, typer.Option(min=1, help="Captions per image.")] = 2,
     size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "384x128",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
-    preview: Annotated[Optional[Path], typer.Option(help="Also save a contact sheet PNG here.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Worker processes (default: up to 2).")] = None,
+    preview: Annotated[Path | None, typer.Option(help="Also save a contact sheet PNG here.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: up to 2).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Generate SynthPedes, the embedded procedural dataset (CUHK-PEDES format)."""
@@ -107,7 +107,7 @@ def synth(
 @data_app.command("stats")
 def data_stats(
     root: Annotated[Path, typer.Argument(help="Dataset root.")],
-    format: Annotated[Optional[str], typer.Option("--format", help="Dataset format (default: detect).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="Dataset format (default: detect).")] = None,
 ) -> None:
     """Print identities, images and captions per split as JSON."""
     from .data.readers import load_dataset
@@ -206,7 +206,7 @@ def export(
     onnx: Annotated[bool, typer.Option("--onnx", help="Export to ONNX (the only format for now).")] = True,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 18).")] = 18,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write fp16 graphs (a GPU format).")] = False,
-    parity_data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root for real-sample parity.")] = None,
+    parity_data: Annotated[Path | None, typer.Option("--data", help="Dataset root for real-sample parity.")] = None,
     atol: Annotated[float, typer.Option("--atol", help="Max abs difference allowed vs PyTorch.")] = 1e-4,
     force: ForceOpt = False,
 ) -> None:
@@ -225,12 +225,12 @@ def quantize(
     artifact: Annotated[Path, typer.Argument(help="ONNX artifact folder (from export).")],
     out: Annotated[Path, typer.Option("--out", help="Quantised artifact folder to write.")],
     mode: Annotated[str, typer.Option("--mode", help="dynamic | static | fp16")] = "dynamic",
-    calib_data: Annotated[Optional[Path], typer.Option("--calib-data", help="Dataset root (static).")] = None,
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="Dataset root (static).")] = None,
     calib_method: Annotated[str, typer.Option("--calib-method", help="minmax | entropy | percentile")] = "minmax",
     calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="Calibration samples per tower.")] = 64,
     backend: Annotated[str, typer.Option("--backend", help="ort | optimum")] = "ort",
     towers: Annotated[str, typer.Option("--towers", help="Towers to quantise: image,text")] = "image,text",
-    eval_data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root: record metrics.")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--data", help="Dataset root: record metrics.")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Quantise an ONNX artifact (dynamic or static int8, fp16) into a new artifact."""
@@ -242,7 +242,8 @@ def quantize(
                                eval_data=eval_data)
     summary = {"out": str(out), "mode": report.get("mode"), "metrics": report.get("metrics")}
     for tower, entry in report.get("towers", {}).items():
-        summary[tower] = {k: entry.get(k) for k in ("nodes", "cosine", "size_before", "size_after", "size_ratio") if k in entry}
+        keys = ("nodes", "cosine", "size_before", "size_after", "size_ratio")
+        summary[tower] = {k: entry.get(k) for k in keys if k in entry}
     _print_json(summary)
 
 
@@ -268,8 +269,8 @@ def probe(
     data: Annotated[Path, typer.Option("--data", help="Dataset root.")],
     split: Annotated[str, typer.Option(help="Split to measure R@1 on.")] = "val",
     threshold: Annotated[float, typer.Option(help="C2: largest R@1 drop allowed, in points.")] = 3.0,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for probe.json/.md/.png.")] = None,
-    parent: Annotated[Optional[Path], typer.Option("--parent", help="Initial weights for C2 (an artifact).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for probe.json/.md/.png.")] = None,
+    parent: Annotated[Path | None, typer.Option("--parent", help="Initial weights for C2 (an artifact).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
     force: ForceOpt = False,
@@ -287,8 +288,8 @@ def probe(
 def run_cmd(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline recipe YAML (see recipes/pipeline/).")],
     set_: SetOpt = None,
-    from_stage: Annotated[Optional[str], typer.Option("--from", help="Force this stage and those after it.")] = None,
-    only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage.")] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="Force this stage and those after it.")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="Run only this stage.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a pipeline: data, teacher, students, ONNX, quantisation, benchmark; up-to-date stages are skipped."""
@@ -311,19 +312,19 @@ def run_cmd(
 @app.command()
 def bench(
     artifacts: Annotated[list[Path], typer.Argument(help="Artifact folders (torch and/or ONNX).")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root (retrieval metrics).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset root (retrieval metrics).")] = None,
     runtimes: Annotated[str, typer.Option(help="torch,onnxruntime")] = "torch,onnxruntime",
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     batch: Annotated[str, typer.Option("--batch", help="Gallery batch sizes, e.g. 1,32.")] = "1,32",
     split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
     gallery_size: Annotated[int, typer.Option(help="Embeddings in the search-latency gallery.")] = 10000,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for CSV/JSON/Markdown/PNG.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for CSV/JSON/Markdown/PNG.")] = None,
     warmup: Annotated[int, typer.Option(min=0)] = 3,
     reps: Annotated[int, typer.Option(min=1)] = 20,
-    threads: Annotated[Optional[int], typer.Option(help="Intra-op threads (default: library default).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: library default).")] = None,
     export_torch: Annotated[bool, typer.Option("--export-torch", help="Export torch artifacts for ORT.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Also torch.compile (CUDA).")] = False,
-    format: Annotated[Optional[str], typer.Option("--format", help="Dataset format.")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="Dataset format.")] = None,
 ) -> None:
     """Accuracy against latency for artifacts x runtimes x precisions: table, CSV/JSON and a Pareto plot."""
     _setup_logging()
@@ -341,8 +342,8 @@ def eval_cmd(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],
     data: Annotated[Path, typer.Option("--data", help="Dataset root.")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    format: Annotated[Optional[str], typer.Option("--format", help="Dataset format (default: detect).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Write the metrics JSON here.")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="Dataset format (default: detect).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the metrics JSON here.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
 ) -> None:
@@ -382,17 +383,17 @@ def import_cmd(
 @app.command()
 def search(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],
-    query: Annotated[Optional[str], typer.Argument(help="Description of the person.")] = None,
-    gallery: Annotated[Optional[Path], typer.Option("--gallery", help="Folder of person crops (recursive).")] = None,
+    query: Annotated[str | None, typer.Argument(help="Description of the person.")] = None,
+    gallery: Annotated[Path | None, typer.Option("--gallery", help="Folder of person crops (recursive).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many results to show.")] = 10,
-    sheet: Annotated[Optional[Path], typer.Option("--sheet", help="Write a contact sheet PNG.")] = None,
-    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML page.")] = None,
-    index: Annotated[Optional[Path], typer.Option("--index", help="Index folder (default DIR/.tbps_index/...).")] = None,
+    sheet: Annotated[Path | None, typer.Option("--sheet", help="Write a contact sheet PNG.")] = None,
+    html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
+    index: Annotated[Path | None, typer.Option("--index", help="Index folder (default DIR/.tbps_index/...).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (torch artifacts).")] = "auto",
-    data: Annotated[Optional[Path], typer.Option("--data", help="Dataset root: identities, --query-index.")] = None,
-    query_index: Annotated[Optional[int], typer.Option("--query-index", help="Use caption K of --split.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset root: identities, --query-index.")] = None,
+    query_index: Annotated[int | None, typer.Option("--query-index", help="Use caption K of --split.")] = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split for --data.")] = "test",
-    expect_id: Annotated[Optional[int], typer.Option("--expect-id", "--query-id", help="Identity to mark.")] = None,
+    expect_id: Annotated[int | None, typer.Option("--expect-id", "--query-id", help="Identity to mark.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
 ) -> None:
     """Search a gallery of person crops with a sentence (index built once, updated incrementally)."""

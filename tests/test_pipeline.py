@@ -69,7 +69,8 @@ def test_pipeline_runs_skips_and_forces(tiny_pipeline: Path) -> None:
     for name in ("teacher", "student", "pruned", "onnx", "int8"):
         lineage = json.loads((run / name / "lineage.json").read_text())
         assert lineage["files"], name
-    assert json.loads((run / "student" / "lineage.json").read_text())["parent"]["path"] == str((run / "teacher").resolve())
+    parent = json.loads((run / "student" / "lineage.json").read_text())["parent"]
+    assert parent["path"] == str((run / "teacher").resolve())
     assert (run / "onnx" / "image_encoder.onnx").exists() and (run / "int8" / "text_encoder.onnx").exists()
     assert (run / "bench" / "bench.md").exists()
     before = {n: _mtime(run / n) for n in ("teacher", "student", "pruned")}
