@@ -118,10 +118,10 @@ def assert_same_run(reference: Path, result: Path) -> None:
 
 
 def train_recipe(data: Path, out: Path) -> dict[str, Any]:
-    return {  # 72 training captions / 8 = 9 steps, a checkpoint after each
+    return {  # 72 training captions / 8 = 9 steps an epoch, 27 in all, a checkpoint after each
         "output": str(out), "seed": 0, "device": "cpu", "data": {"root": str(data)}, "model": {"config": "test-tiny"},
         "losses": {"n_itc": {"weight": 1.0}, "r_itc": {"weight": 1.0}}, "tricks": {"text_attn_dropout": 0.1},
-        "optim": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-5, "warmup_epochs": 0.5},
+        "optim": {"epochs": 3, "batch_size": 8, "lr": 1e-3, "min_lr": 1e-5, "warmup_epochs": 0.5},
         "eval": {"batch_size": 64}, "checkpoint_every_steps": 1,
     }
 
@@ -134,7 +134,7 @@ def distill_recipe(data: Path, teacher: Path, out: Path) -> dict[str, Any]:
         "student": {"config": "test-tiny", "inline": {"vision": {"width": 32, "heads": 2}, "text": {"width": 32}},
                     "init": "inherit", "vocab_prune": True},
         "losses": {"n_itc": {"weight": 0.5}, "r_itc": {}, "kd_feature": {}, "kd_affinity": {}, "kd_interactive": {}},
-        "optim": {"epochs": 1, "batch_size": 8, "lr": 1e-4, "min_lr": 1e-6},
+        "optim": {"epochs": 3, "batch_size": 8, "lr": 1e-4, "min_lr": 1e-6},
         "eval": {"batch_size": 64},
         "checkpoint_every_steps": 1,
     }
@@ -174,7 +174,8 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_weights(stage: str, refer
     out = tmp_path / "run" / "out"
     recipe = _stage_recipe(stage, references, tiny_dataset, tiny_teacher_artifact, out)
     proc = start(stage, recipe, log=tmp_path / "stderr.txt")
-    info = kill_after_first_checkpoint(proc, out, extra_delay=random.uniform(0.0, 0.6))
+    # the kill must land before the run ends: 26 more steps follow the first checkpoint
+    info = kill_after_first_checkpoint(proc, out, extra_delay=random.uniform(0.0, 0.15))
     step = check_after_kill(out)
     assert step is not None and not out.exists(), info
     # what a kill in the middle of the next checkpoint write leaves: partial temporaries, ignored on resume
