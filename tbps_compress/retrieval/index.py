@@ -25,7 +25,6 @@ This module imports neither torch nor open_clip: encoders are passed in (see :cl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 from PIL import Image
 
+from ..artifacts import sha256_file
 from ..errors import UserError
 from ..runtime.encoder import cosine_topk, l2_normalize
 
@@ -131,14 +131,6 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class GalleryIndex:
     """Embeddings of the images of a gallery folder for one artifact.
 
@@ -223,7 +215,7 @@ class GalleryIndex:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("%s: malformed index manifest (%s); rebuilding the index", self.manifest_path, exc)
             return False
-        if rows != len(entries) or not self.embeddings_path.is_file() or _sha256(self.embeddings_path) != digest:
+        if rows != len(entries) or not self.embeddings_path.is_file() or sha256_file(self.embeddings_path) != digest:
             log.warning("%s: embeddings do not match the manifest (interrupted write?); rebuilding the index",
                         self.index_dir)
             return False
@@ -256,7 +248,7 @@ class GalleryIndex:
             "gallery": str(self.gallery.resolve()),
             "rows": int(emb.shape[0]),
             "dim": int(emb.shape[1]),
-            "embeddings_sha256": _sha256(self.embeddings_path),
+            "embeddings_sha256": sha256_file(self.embeddings_path),
             "files": [e.to_dict() for e in self.entries],
             "unreadable": [{**e.to_dict(), "error": err} for e, err in self.unreadable.values()],
         }
