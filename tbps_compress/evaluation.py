@@ -42,30 +42,13 @@ def embed_with_artifact(artifact: Path, ds, records, *, device: str = "auto", ba
     from .engine.evaluate import embed_split
     from .engine.train import resolve_device
     from .models.io import load_model
-    from .models.tokenizer import get_tokenizer
+    from .models.tokenizer import model_tokenizer
 
     dev = resolve_device(device)
     model = load_model(art, device=dev, verify=False)
-    vm, unk = load_vocab_map(art.path)
-    tok = get_tokenizer(model.tbps_config, vm, unk)
+    tok = model_tokenizer(model)
     emb = embed_split(model, records, paths, tok, clean_caption, batch_size=batch_size, device=dev)
     return emb.text.numpy(), text_pids, emb.image.numpy(), image_pids
-
-
-def load_vocab_map(folder: Path) -> tuple[dict[int, int] | None, int | None]:
-    """The vocabulary mapping of a vocabulary-pruned artifact (``vocab_map.json`` + ``tokenizer.json``'s unk_id)."""
-    import json
-
-    f = Path(folder) / "vocab_map.json"
-    if not f.exists():
-        return None, None
-    raw = json.loads(f.read_text())
-    vm = {int(k): int(v) for k, v in raw.items()} if isinstance(raw, dict) else {int(o): i for i, o in enumerate(raw)}
-    unk = None
-    t = Path(folder) / "tokenizer.json"
-    if t.exists():
-        unk = json.loads(t.read_text()).get("unk_id")
-    return vm, unk
 
 
 def evaluate_artifact(artifact: Path, data: Path, *, split: str = "test", format: str | None = None,

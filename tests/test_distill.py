@@ -306,8 +306,8 @@ def test_teacher_cache_matches_online_and_refuses_another_teacher(tiny_dataset: 
 
 
 def test_distill_end_to_end(tiny_dataset: Path, tiny_teacher_artifact: Path, tmp_path: Path) -> None:
-    from tbps_compress.evaluation import evaluate_artifact, load_vocab_map
-    from tbps_compress.models.io import load_model
+    from tbps_compress.evaluation import evaluate_artifact
+    from tbps_compress.models.io import load_model, read_vocab_map
 
     recipe = _tiny_recipe(tmp_path, tiny_dataset, tiny_teacher_artifact)
     out = run_distill(recipe)
@@ -322,7 +322,7 @@ def test_distill_end_to_end(tiny_dataset: Path, tiny_teacher_artifact: Path, tmp
     vp = m["vocab_prune"]
     assert vp["vocab_size_after"] < 1000 and vp["parameters_saved"] > 0
     assert vp["weights_file_bytes"] < vp["weights_file_bytes_unpruned"]
-    vm, unk = load_vocab_map(out)
+    vm, unk = read_vocab_map(out)
     assert vm[EOT_TOKEN] == max(vm.values()) and unk is not None
     assert json.loads((out / "tokenizer.json").read_text())["unk_id"] == unk
     model = load_model(out)

@@ -551,10 +551,9 @@ def _bench_torch(art: Any, case: BenchCase, ctx: _Context, row: dict[str, Any]) 
     import torch
 
     from ..data.readers import clean_caption
-    from ..evaluation import load_vocab_map
     from ..models.config import image_size_hw
     from ..models.io import load_model
-    from ..models.tokenizer import get_tokenizer
+    from ..models.tokenizer import model_tokenizer
     from ..runtime import cosine_topk
 
     dev = torch.device(ctx.device)
@@ -567,8 +566,7 @@ def _bench_torch(art: Any, case: BenchCase, ctx: _Context, row: dict[str, Any]) 
         row["threads"] = None if cuda else n_threads
         with PeakMemory(ctx.device) as mem:
             model = load_model(art, device=dev, verify=False).eval().to(dtype)
-            vm, unk = load_vocab_map(art.path)
-            tokenizer = get_tokenizer(model.tbps_config, vm, unk)
+            tokenizer = model_tokenizer(model)
             enc_image, enc_text = model.encode_image, model.encode_text
             if case.runtime == "torch.compile":
                 enc_image, enc_text = torch.compile(enc_image), torch.compile(enc_text)

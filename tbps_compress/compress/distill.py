@@ -711,16 +711,12 @@ def _architecture(cfg: dict[str, Any]) -> str:
 
 def _load_teacher(path: Path) -> tuple[nn.Module, str]:
     from ..artifacts import open_artifact
-    from ..evaluation import load_vocab_map
     from ..models.io import load_model
 
     art = open_artifact(path)  # verifies every file against lineage.json
     if art.kind != "torch":
         raise UserError(f"teacher.artifact {path}: an ONNX artifact; distillation needs a PyTorch artifact")
     teacher = load_model(art, verify=False)
-    vm, unk = load_vocab_map(art.path)
-    if vm:
-        teacher.tbps_vocab_map, teacher.tbps_unk_id = vm, unk
     teacher.eval().requires_grad_(False)
     return teacher, str(art.lineage.get("content_hash", ""))
 
@@ -728,7 +724,6 @@ def _load_teacher(path: Path) -> tuple[nn.Module, str]:
 def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_records: Sequence[Any],
                   plan: InheritancePlan | None = None) -> nn.Module:
     """The student model of a recipe, initialised as ``student.init`` says (before vocabulary pruning)."""
-    from ..evaluation import load_vocab_map
     from ..models.factory import build_model
     from ..models.io import load_model
 
@@ -737,9 +732,6 @@ def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_reco
     if st.init == "artifact":
         src = Path(st.init_artifact or "")
         model = load_model(src)
-        vm, unk = load_vocab_map(src)
-        if vm:
-            model.tbps_vocab_map, model.tbps_unk_id = vm, unk
         if st.config is not None or st.inline is not None:
             want = student_config(st, t_cfg)
             mine = dict(model.tbps_config)

@@ -294,7 +294,6 @@ def probe(
     """
     from ..artifacts import open_artifact
     from ..engine.train import resolve_device
-    from ..evaluation import load_vocab_map
     from ..models.factory import tower_blocks
     from ..models.io import load_model
 
@@ -312,9 +311,6 @@ def probe(
     art = open_artifact(artifact)
     dev = resolve_device(device)
     model = load_model(art, device=dev, verify=False).eval()
-    vm, unk = load_vocab_map(art.path)
-    if vm:
-        model.tbps_vocab_map, model.tbps_unk_id = vm, unk
     inits, init_source = initial_blocks(artifact, model, parent=parent, seed=seed)
     ds, recs = split_records(data_root, split, format,
                              val_fraction=float(_recipe_value(artifact, "data.val_fraction", 0.1)),

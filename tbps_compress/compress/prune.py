@@ -538,7 +538,7 @@ def _example_batch(model: nn.Module, ds: Any, n: int, seed: int) -> dict[str, to
     from ..data.readers import clean_caption
     from ..engine.evaluate import _normalize
     from ..models.config import image_size_hw
-    from ..models.tokenizer import get_tokenizer
+    from ..models.tokenizer import model_tokenizer
 
     recs = list(ds.split("train"))
     if len(recs) < 2:
@@ -547,17 +547,9 @@ def _example_batch(model: nn.Module, ds: Any, n: int, seed: int) -> dict[str, to
     cfg = model.tbps_config
     store = ImageStore([ds.image_path(r) for r in recs], image_size_hw(cfg), cache=False)
     images = _normalize(torch.stack([store[i] for i in range(len(recs))]))
-    tok = get_tokenizer(cfg, getattr(model, "tbps_vocab_map", None), getattr(model, "tbps_unk_id", None))
+    tok = model_tokenizer(model)
     text = tok([clean_caption(r.captions[0]) for r in recs])
     return {"image": images, "text": text, "pid": torch.tensor([r.pid for r in recs])}
-
-
-def _attach_vocab(model: nn.Module, folder: Path) -> None:
-    from ..evaluation import load_vocab_map
-
-    vm, unk = load_vocab_map(folder)
-    if vm:
-        model.tbps_vocab_map, model.tbps_unk_id = vm, unk
 
 
 def _recovery_recipe(recipe: PruneRecipe, output: Path, per_epoch: int) -> PruneRecipe:
@@ -645,7 +637,6 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     teacher_art = open_artifact(teacher_path)
     device = resolve_device(recipe.device)
     model = load_model(src_art, verify=False)
-    _attach_vocab(model, src_art.path)
     check_prune_cfg(recipe.prune, model)
     if recipe.prune.probe:
         from .probe import read_probe
@@ -654,7 +645,6 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     ds = load_dataset(Path(recipe.data.root), recipe.data.format, on_error=recipe.data.on_error)
     per_epoch = _per_epoch(recipe, ds)
     teacher = load_model(teacher_art, verify=False).eval()
-    _attach_vocab(teacher, teacher_art.path)
     # ---- work
     if force and not resume and steps_dir.exists():
         shutil.rmtree(steps_dir)
@@ -670,7 +660,6 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
         if done:
             start = max(done) + 1
             model = load_model(steps_dir / f"step{start - 1}", verify=True)
-            _attach_vocab(model, src_art.path)
             log.info("resuming after round %d/%d", start - 1, n)
     torch.manual_seed(recipe.seed)
     example = _example_batch(model, ds, recipe.prune.taylor_batch, recipe.seed)
@@ -741,11 +730,10 @@ def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent:
     from ..engine.evaluate import embed_split, retrieval_metrics
     from ..models.factory import count_parameters
     from ..models.io import save_model
-    from ..models.tokenizer import get_tokenizer
+    from ..models.tokenizer import model_tokenizer
 
     model.to(device).eval()
-    tok = get_tokenizer(model.tbps_config, getattr(model, "tbps_vocab_map", None),
-                        getattr(model, "tbps_unk_id", None))
+    tok = model_tokenizer(model)
     recs = ds.split(recipe.eval.test_split)
     test = {}
     if recs:
@@ -754,10 +742,6 @@ def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent:
         test = retrieval_metrics(emb)
     with write_artifact(out, stage="prune", parent=parent, force=force) as tmp:
         save_model(model, tmp)
-        vm = getattr(model, "tbps_vocab_map", None)
-        if vm:
-            write_json(tmp / "vocab_map.json", {str(k): v for k, v in vm.items()})
-            write_json(tmp / "tokenizer.json", {"unk_id": getattr(model, "tbps_unk_id", None)})
         r = recipe.model_copy(deep=True)
         r.output = str(out)
         dump_recipe(r, tmp / RECIPE)

@@ -42,7 +42,7 @@ from ..losses import LossInputs, LossSet, make_modules
 from ..models.config import image_size_hw
 from ..models.factory import config_from_model, count_parameters, set_text_attn_dropout
 from ..models.io import save_model
-from ..models.tokenizer import get_tokenizer
+from ..models.tokenizer import model_tokenizer
 from ..recipes import TrainRecipe
 from . import dist
 from .evaluate import embed_split, retrieval_metrics
@@ -280,7 +280,7 @@ class Trainer:
         embed_dim = int(model.visual.proj.shape[1])
         self.heads = make_modules(self.losses, embed_dim, len(self.labels), teacher_dim,
                                   hidden_widths=self._hidden_widths()).to(device)
-        self.tokenizer = get_tokenizer(cfg, *self._vocab())
+        self.tokenizer = model_tokenizer(model)
         size = image_size_hw(cfg)
         rank, world = dist.rank(), dist.world_size()
         ds = self.dataset
@@ -451,19 +451,12 @@ class Trainer:
     def _hidden_widths(self) -> dict[str, tuple[int, int]] | None:
         if self.teacher is None or "kd_hidden" not in self.losses:
             return None
-        s, t = self._model_widths(self._build_model_ref()), self._model_widths(self.teacher.model)
+        s, t = self._model_widths(self.model), self._model_widths(self.teacher.model)
         return {k: (s[k], t[k]) for k in s}
-
-    def _build_model_ref(self) -> nn.Module:
-        return self.model
 
     @staticmethod
     def _model_widths(m: nn.Module) -> dict[str, int]:
         return {"vision.last": int(m.visual.conv1.out_channels), "text.last": int(m.token_embedding.embedding_dim)}
-
-    def _vocab(self) -> tuple[dict[int, int] | None, int | None]:
-        vm = getattr(self.model, "tbps_vocab_map", None)
-        return (vm, getattr(self.model, "tbps_unk_id", None)) if vm else (None, None)
 
     @torch.no_grad()
     def _teacher_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -706,10 +699,6 @@ class Trainer:
         params = count_parameters(self.model)
         with write_artifact(out, stage=self.stage, parent=self.parent, force=force) as tmp:
             save_model(self.model, tmp)
-            vm = getattr(self.model, "tbps_vocab_map", None)
-            if vm:
-                write_json(tmp / "vocab_map.json", {str(k): v for k, v in vm.items()})
-                write_json(tmp / "tokenizer.json", {"unk_id": getattr(self.model, "tbps_unk_id", None)})
             dump_recipe(r, tmp / RECIPE)
             metrics = {"test": test, "val_best": state.best, "split": r.eval.test_split,
                        "dataset": str(Path(r.data.root)), "parameters": params,

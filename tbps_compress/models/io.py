@@ -21,12 +21,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifacts import MODEL_CONFIG, WEIGHTS, Artifact, open_artifact
+from ..artifacts import MODEL_CONFIG, WEIGHTS, Artifact, open_artifact, write_json
 from ..errors import ArtifactError, CheckpointError
 from .config import dump_model_config, image_size_hw, validate_model_config
 from .factory import build_model, config_from_model
 
 log = logging.getLogger(__name__)
+
+VOCAB_MAP = "vocab_map.json"
+TOKENIZER_CFG = "tokenizer.json"
+
+
+def read_vocab_map(folder: Path) -> tuple[dict[int, int] | None, int | None]:
+    """The vocabulary mapping of a vocabulary-pruned artifact (``vocab_map.json`` {original: new}, optionally with an
+    ``unk_id`` entry, or a list of original ids in new-id order; else ``tokenizer.json``'s ``unk_id``); (None, None)
+    when there is none."""
+    import json
+
+    f = Path(folder) / VOCAB_MAP
+    if not f.exists():
+        return None, None
+    raw = json.loads(f.read_text())
+    unk = None
+    if isinstance(raw, dict):
+        for key in ("unk_id", "unk", "<unk>"):  # an unk entry may sit in the map itself
+            if key in raw:
+                unk = int(raw.pop(key))
+        vm = {int(k): int(v) for k, v in raw.items()}
+    else:
+        vm = {int(o): i for i, o in enumerate(raw)}
+    t = Path(folder) / TOKENIZER_CFG
+    if unk is None and t.exists():
+        unk = json.loads(t.read_text()).get("unk_id")
+    return vm, unk
 
 
 def save_model(model: nn.Module, folder: Path, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -44,6 +71,10 @@ def save_model(model: nn.Module, folder: Path, cfg: dict[str, Any] | None = None
     except SafetensorError as exc:  # disk full etc. (safetensors reports I/O errors with its own type)
         raise ArtifactError(f"{folder / WEIGHTS}: cannot write the weights ({exc}); free space or choose "
                             "another output folder") from exc
+    vocab_map = getattr(model, "tbps_vocab_map", None)
+    if vocab_map:
+        write_json(folder / VOCAB_MAP, {str(k): v for k, v in vocab_map.items()})
+        write_json(folder / TOKENIZER_CFG, {"unk_id": getattr(model, "tbps_unk_id", None)})
     return cfg
 
 
@@ -65,6 +96,9 @@ def load_model(source: Path | Artifact, *, device: str | torch.device = "cpu", v
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{art.path / WEIGHTS}: cannot be read as safetensors ({exc})") from exc
     load_state_dict_checked(model, state, source=str(art.path / WEIGHTS))
+    vocab_map, unk_id = read_vocab_map(art.path)
+    if vocab_map:
+        model.tbps_vocab_map, model.tbps_unk_id = vocab_map, unk_id
     return model.to(device)
 
 

@@ -30,3 +30,9 @@ def get_tokenizer(cfg: dict[str, Any], vocab_map: dict[int, int] | None = None,
         return ids
 
     return encode
+
+
+def model_tokenizer(model: Any) -> Callable[[Sequence[str]], torch.Tensor]:
+    """The tokenizer of a built or loaded model, with its vocabulary map if it was vocabulary-pruned."""
+    return get_tokenizer(model.tbps_config, getattr(model, "tbps_vocab_map", None),
+                         getattr(model, "tbps_unk_id", None))

@@ -56,16 +56,14 @@ class TorchArtifactEncoder:
         import torch
 
         from ..engine.train import resolve_device
-        from ..evaluation import load_vocab_map
         from ..models.config import image_size_hw
         from ..models.io import load_model
-        from ..models.tokenizer import get_tokenizer
+        from ..models.tokenizer import model_tokenizer
 
         self._torch = torch
         self.device = resolve_device(device)
         self.model = load_model(artifact, device=self.device, verify=False).eval()
-        vocab_map, unk = load_vocab_map(artifact.path)
-        self.tokenizer = get_tokenizer(self.model.tbps_config, vocab_map, unk)
+        self.tokenizer = model_tokenizer(self.model)
         self.preprocess = PreprocessConfig(image_size=image_size_hw(self.model.tbps_config), mean=OPENAI_CLIP_MEAN,
                                            std=OPENAI_CLIP_STD, resize="bicubic")
 
