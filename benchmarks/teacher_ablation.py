@@ -70,7 +70,10 @@ def main() -> int:
         sets = VARIANTS["simplified TBPS-CLIP"]
         for seed in args.seeds:
             for model in ("synth-teacher", "synth-student"):
-                m = train(args.out / f"capacity-{model}-s{seed}", sets, args.data, args.steps, seed, model)
+                # the teacher's row is the simplified TBPS-CLIP run itself (same recipe, same seed)
+                out = (args.out / f"simplified_TBPS_CLIP-s{seed}" if model == "synth-teacher"
+                       else args.out / f"capacity-{model}-s{seed}")
+                m = train(out, sets, args.data, args.steps, seed, model)
                 rows.append({"variant": f"capacity: {model}", "seed": seed,
                              **{k: m["test"][k] for k in ("R1", "mAP", "mINP")},
                              "train_s": m.get("train_seconds"),
