@@ -96,6 +96,14 @@ def test_mlp_global_and_round_to() -> None:
     _forward_backward(model, _batch())
 
 
+def test_kept_sizes_of_rounded_fractions() -> None:
+    # a sixth of 192 typed with 7 decimals keeps 160 (not 159 -> 144 after round_to 16); floors stay floors
+    assert prune._keep(192, 0.1666667, 16) == 160
+    assert prune._keep(192, 1 / 6, None) == 160
+    assert prune._keep(64, 0.3, None) == 44 and prune._keep(64, 0.3, 8) == 40
+    assert prune._keep(768, 0.5, 16) == 384 and prune._keep(100, 0.0, 16) == 100
+
+
 @pytest.mark.parametrize("criterion", ["l1", "lamp", "random"])
 def test_criteria_run(criterion: str) -> None:
     model = _tiny()
@@ -261,3 +269,43 @@ def test_run_prune_without_recovery(tiny_setup: dict[str, Path]) -> None:
     cfg = json.loads((out / "model_config.json").read_text())
     assert [b["mlp_dim"] for b in cfg["vision_blocks"]] == [64, 64]
 
+
+
+def test_prune_study_script_reports_holdout_and_acceptance(tiny_setup: dict[str, Path]) -> None:
+    """benchmarks/prune_study.py on the tiny teacher: one row per setting, holdout columns, acceptance on combined."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prune_study", REPO / "benchmarks" / "prune_study.py")
+    assert spec is not None and spec.loader is not None
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tiny_setup["root"] / "study"
+    recipe = tiny_setup["root"] / "study-recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "device": "cpu", "teacher": {"artifact": "unused"},
+        "data": {"root": "unused", "cache_images": False},
+        "optim": {"batch_size": 4, "lr": 1e-4, "min_lr": 1e-5, "warmup_epochs": 0},
+        "prune": {"criterion": "magnitude", "iterative_steps": 1, "recovery_steps": 0,
+                  "vision": {"width_ratio": 0.5}, "text": {"mlp_ratio": 0.5}},
+    }))
+    args = ["--recipe", str(recipe), "--teacher", str(tiny_setup["teacher"]), "--data", str(tiny_setup["data"]),
+            "--out", str(out), "--settings", "width", "heads", "depth", "combined", "--criteria", "magnitude",
+            "--heads-ratio", "0.5", "--holdout", str(tiny_setup["data"]), "--holdout-split", "val",
+            "--bench-iters", "1", "--bench-batch", "2"]
+    assert study.main(args) == 0
+    result = json.loads((out / "prune_study.json").read_text())
+    # depth has nothing to drop in this recipe, so it is skipped, not reported as a no-op row
+    assert [r["setting"] for r in result["rows"]] == ["width", "heads", "combined"]
+    heads = result["rows"][1]["after"]
+    assert heads["vision_width"] == 64 and heads["text_width"] == 64  # --heads-ratio: heads only, widths kept
+    for r in result["rows"]:
+        assert r["non_embedding_removed"] > 0 and r["image_speedup_b32"] > 0
+        assert 0 <= r["holdout_R1"] <= 100 and "holdout_mAP_kept" in r
+    assert result["unpruned"]["holdout"]["R1"] >= 0
+    assert [c["run"] for c in result["acceptance"]] == ["combined-magnitude"]
+    md = (out / "prune_study.md").read_text()
+    assert "holdout R@1 kept" in md and "combined | magnitude" in md
+    # a second run reuses the finished artifacts instead of pruning again
+    mtime = (out / "runs" / "width-magnitude" / "lineage.json").stat().st_mtime
+    assert study.main(args) == 0
+    assert (out / "runs" / "width-magnitude" / "lineage.json").stat().st_mtime == mtime

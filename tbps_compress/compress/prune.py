@@ -172,10 +172,12 @@ def tower_sizes(model: nn.Module, tower: str) -> dict[str, Any]:
 
 
 def _keep(n: int, ratio: float, round_to: int | None) -> int:
-    """Channels kept of ``n`` after removing ``ratio`` (floor), rounded down to ``round_to``; ratio 0 keeps all."""
+    """Channels kept of ``n`` after removing ``ratio`` (floor), rounded down to ``round_to``; ratio 0 keeps all.
+    A product within 1e-3 of a whole number counts as that number, so a fraction typed rounded (0.1666667 of 192)
+    keeps what it means (160), not one channel less."""
     if ratio <= 0:
         return n
-    k = math.floor(n * (1.0 - ratio) + 1e-6)
+    k = math.floor(n * (1.0 - ratio) + 1e-3)
     if round_to:
         k -= k % round_to
     return k
