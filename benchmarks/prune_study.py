@@ -174,6 +174,7 @@ def markdown(rows: list[dict[str, Any]], teacher: dict[str, Any], args: argparse
         "",
         f"Teacher `{args.teacher}`" + (f", source `{args.source}`" if args.source else "")
         + (f"; heads-only rows remove {args.heads_ratio:g} of the heads" if args.heads_ratio is not None else "")
+        + ("; overrides " + ", ".join(f"`{o}`" for o in args.overrides) if args.overrides else "")
         + f"; recipe `{args.recipe}`; data `{args.data}` split `{args.split}`; teacher R@1 {teacher['R1']:.2f}. "
         f"Speed-up: image tower, batch {args.bench_batch}, median time ratio of {args.bench_iters} alternating "
         "rounds on this CPU.",
