@@ -132,6 +132,11 @@ def run_variant(base: dict[str, Any], setting: str, criterion: str, args: argpar
     return out
 
 
+def _kept(value: float, reference: float) -> float | None:
+    """``value`` as a fraction of the unpruned model's ``reference`` (None when the reference is 0)."""
+    return round(value / reference, 4) if reference > 0 else None
+
+
 def measure(out: Path, teacher_path: Path, teacher_r1: dict[str, float], args: argparse.Namespace) -> dict[str, Any]:
     from tbps_compress.evaluation import evaluate_artifact
     from tbps_compress.models.io import load_model
@@ -146,8 +151,7 @@ def measure(out: Path, teacher_path: Path, teacher_r1: dict[str, float], args: a
         ho = evaluate_artifact(out, args.holdout, split=args.holdout_split, device="cpu", batch_size=args.eval_batch)
         ref = teacher_r1["holdout"]
         extra = {"holdout_R1": round(ho["R1"], 2), "holdout_mAP": round(ho["mAP"], 2),
-                 "holdout_R1_kept": round(ho["R1"] / ref["R1"], 4) if ref["R1"] > 0 else None,
-                 "holdout_mAP_kept": round(ho["mAP"] / ref["mAP"], 4) if ref["mAP"] > 0 else None}
+                 "holdout_R1_kept": _kept(ho["R1"], ref["R1"]), "holdout_mAP_kept": _kept(ho["mAP"], ref["mAP"])}
     return {
         "run": out.name,
         "criterion": rep["criterion"] if out.name != "depth" else "(probe)",
@@ -156,7 +160,7 @@ def measure(out: Path, teacher_path: Path, teacher_r1: dict[str, float], args: a
         "vision_macs_removed": removed.get("macs.vision", 0.0),
         "text_macs_removed": removed.get("macs.text", 0.0),
         "R1": round(ev["R1"], 2), "mAP": round(ev["mAP"], 2),
-        "R1_kept": round(ev["R1"] / teacher_r1["R1"], 4) if teacher_r1["R1"] > 0 else None,
+        "R1_kept": _kept(ev["R1"], teacher_r1["R1"]),
         "image_speedup_b32": speed["speedup"], "timing": speed,
         "dropped_layers": rep["dropped_layers"], "after": rep["after"],
         "recovery_steps": m.get("steps"), **extra,

@@ -154,6 +154,23 @@ def tiny_teacher_artifact(tiny_dataset: Path, tmp_path_factory: pytest.TempPathF
 CliResult = tuple[int, str, str]
 
 
+@pytest.fixture(scope="session")
+def benchmark_script() -> Callable[[str], Any]:
+    """Load ``benchmarks/NAME.py`` as a module (the scripts are not a package), to call its functions or ``main``."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str) -> Any:
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[[Sequence[Any]], CliResult]:
     """Run ``tbps_compress.cli.main(args)`` in-process: ``(exit_code, stdout, stderr)``. Logging set up by the

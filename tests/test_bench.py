@@ -4,7 +4,6 @@ latency floor logic, on tiny random artifacts and a small SynthPedes."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import shutil
@@ -271,16 +270,12 @@ def test_onnx_precision_detection(arts: dict[str, Path]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _ci_module():  # noqa: ANN202 - a module
-    spec = importlib.util.spec_from_file_location("ci_latency", ROOT / "benchmarks" / "ci_latency.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def ci(benchmark_script):  # noqa: ANN001, ANN201 - the loader fixture and a module
+    return benchmark_script("ci_latency")
 
 
-def test_ci_ratios_and_floors() -> None:
-    ci = _ci_module()
+def test_ci_ratios_and_floors(ci) -> None:
     medians = {"image": {"teacher_pt": 300.0, "student_pt": 100.0, "student_ort": 80.0, "student_int8": 64.0},
                "text": {"teacher_pt": 30.0, "student_pt": 10.0, "student_ort": 5.0, "student_int8": 5.0}}
     ratios = ci.compute_ratios(medians)
@@ -306,21 +301,19 @@ def test_ci_ratios_and_floors() -> None:
         ci.make_baseline(ratios, 1.5)
 
 
-def test_ci_main_fails_on_missing_baseline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    ci = _ci_module()
+def test_ci_main_fails_on_missing_baseline(ci, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert ci.main(["--baseline", str(tmp_path / "absent.json")]) == 1
     assert "--update-baseline" in capsys.readouterr().err
 
 
-def test_committed_ci_baseline() -> None:
-    ci = _ci_module()
+def test_committed_ci_baseline(ci) -> None:
     base = json.loads((ROOT / "benchmarks" / "ci_baseline.json").read_text())
     assert set(base["floors"]) == set(ci.RATIOS)
     for name, floor in base["floors"].items():
         assert 0 < floor < base["measured"][name], name
 
 
-def test_gpu_bench_standalone_model_matches_the_product() -> None:
+def test_gpu_bench_standalone_model_matches_the_product(benchmark_script) -> None:
     """gpu_bench.py falls back to a plain-torch copy of the architecture when open_clip is missing: with the
     product model's weights it must give the product's embeddings (same structure, names and operations)."""
     import torch
@@ -328,10 +321,7 @@ def test_gpu_bench_standalone_model_matches_the_product() -> None:
     from tbps_compress.models.config import get_model_config
     from tbps_compress.models.factory import build_model, count_macs, count_parameters
 
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
-    assert spec is not None and spec.loader is not None
-    gb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gb)
+    gb = benchmark_script("gpu_bench")
     for quick in (False, True):
         cfg = dict(get_model_config("test-tiny"), quick_gelu=quick)
         torch.manual_seed(0)
@@ -349,9 +339,9 @@ def test_gpu_bench_standalone_model_matches_the_product() -> None:
     assert count_macs(cfg)["vision"] > 0
 
 
-def test_ci_main_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_ci_main_exit_codes(ci, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                            capsys: pytest.CaptureFixture) -> None:
     """The whole main() flow with the measurement replaced by fixed medians: pass, then a regression fails."""
-    ci = _ci_module()
     medians = {"image": {"teacher_pt": 300.0, "student_pt": 100.0, "student_ort": 80.0, "student_int8": 64.0},
                "text": {"teacher_pt": 30.0, "student_pt": 10.0, "student_ort": 5.0, "student_int8": 5.0}}
     monkeypatch.setattr(ci, "build_candidates", lambda work, threads: {})

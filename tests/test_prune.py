@@ -270,15 +270,9 @@ def test_run_prune_without_recovery(tiny_setup: dict[str, Path]) -> None:
     assert [b["mlp_dim"] for b in cfg["vision_blocks"]] == [64, 64]
 
 
-
-def test_prune_study_script_reports_holdout_and_acceptance(tiny_setup: dict[str, Path]) -> None:
+def test_prune_study_script_reports_holdout_and_acceptance(tiny_setup: dict[str, Path], benchmark_script) -> None:
     """benchmarks/prune_study.py on the tiny teacher: one row per setting, holdout columns, acceptance on combined."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prune_study", REPO / "benchmarks" / "prune_study.py")
-    assert spec is not None and spec.loader is not None
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    study = benchmark_script("prune_study")
     out = tiny_setup["root"] / "study"
     recipe = tiny_setup["root"] / "study-recipe.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -3,7 +3,6 @@ queries, the search_check benchmark, and ONNX search with torch unimportable."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -195,7 +194,7 @@ def test_sheet_and_html(tmp_path, artifacts, encoder_a):
     assert page.count('class="hit correct"') == sum(h.correct for h in hits)
 
 
-def test_dataset_query_and_search_check(tmp_path, artifacts, capsys):
+def test_dataset_query_and_search_check(tmp_path, artifacts, capsys, benchmark_script):
     root = tmp_path / "ds"
     entries = []
     for pid in (1, 2, 3):
@@ -223,9 +222,7 @@ def test_dataset_query_and_search_check(tmp_path, artifacts, capsys):
     with pytest.raises(UserError, match="expect-id"):
         run_search(artifacts[0], "x", gallery=root / "imgs" / "test" / "1", expect_id=1, device="cpu")
 
-    spec = importlib.util.spec_from_file_location("search_check", REPO / "benchmarks" / "search_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("search_check")
     rc = mod.main(["--artifact", str(artifacts[0]), "--data", str(root), "--device", "cpu", "--tolerance", "0"])
     out = capsys.readouterr().out
     assert rc == 0, out
