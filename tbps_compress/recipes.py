@@ -46,6 +46,9 @@ class ImageAugCfg(Strict):
     crop_scale: tuple[float, float] = (0.9, 1.0)
     grayscale_p: float = Field(0.1, ge=0, le=1)
     hflip_p: float = Field(0.5, ge=0, le=1)
+    hflip_swaps_left_right: bool = Field(False, description="A mirrored main view swaps the words 'left' and "
+                                                            "'right' in its caption (captions that say which hand "
+                                                            "holds what stay true).")
     erasing: ErasingCfg = Field(default_factory=ErasingCfg)
     ssl_crop_scale: tuple[float, float] = Field((0.2, 1.0), description="SimCLR views (SS-I): crop scale.")
 
@@ -75,6 +78,9 @@ class ModelCfg(Strict):
     config: str = Field("test-tiny", description="Registered model config name or path to a JSON config.")
     checkpoint: str | None = Field(None, description="Local OpenAI / open_clip checkpoint to initialise from.")
     init_artifact: str | None = Field(None, description="Initialise from another artifact's weights.")
+    vocab_prune: bool = Field(False, description="Shrink the token table to the training captions' tokens before "
+                                                 "training (a from-scratch model on one dataset; AdamW then skips "
+                                                 "~49k unused rows every step).")
 
     @field_validator("config")
     @classmethod

@@ -21,7 +21,6 @@ from tbps_compress.compress.distill import (
     cache_key,
     inherit_weights,
     load_teacher_cache,
-    prune_vocabulary,
     resolve_cache_path,
     run_distill,
     student_config,
@@ -33,6 +32,7 @@ from tbps_compress.models.config import get_model_config
 from tbps_compress.models.factory import EOT_TOKEN, build_model, count_parameters, tower_blocks
 from tbps_compress.models.io import save_model
 from tbps_compress.models.tokenizer import get_tokenizer
+from tbps_compress.models.vocab import prune_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ import torch
 from tbps_compress.errors import ConfigError, UserError
 from tbps_compress.models.factory import build_model, tower_blocks
 
-probe_mod = pytest.importorskip("tbps_compress.compress.probe")
+from tbps_compress.compress import probe as probe_mod
 
 
 @pytest.fixture(scope="module")

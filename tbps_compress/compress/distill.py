@@ -24,7 +24,7 @@ training data, augmentation, seed and views; a file built for another teacher or
 not cover (a longer run) are computed online. One cache serves every student distilled from the same
 teacher with the same data settings, so a step costs only the student's forward and backward.
 
-Vocabulary pruning (:func:`prune_vocabulary`): the token table keeps the ids the training captions use (plus
+Vocabulary pruning (:func:`tbps_compress.models.vocab.prune_vocabulary`): the token table keeps the ids the training captions use (plus
 back-translations and synonyms when those augmentations are on), id 0, SOT and EOT, and one ``unk`` row (the mean
 embedding) for unseen tokens. New ids: 0, used ids in order, unk, SOT, EOT (EOT stays the largest id: text pooling
 is the argmax over ids). The artifact carries ``vocab_map.json`` ({original: new}) and ``tokenizer.json``
@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ..config import Strict
 from ..errors import ConfigError, UserError
 from ..models.factory import EOT_TOKEN, SOT_TOKEN, tower_blocks
+from ..models.vocab import prune_vocabulary, vocabulary_captions
 from ..recipes import ModelCfg, TrainRecipe
 from . import importance as imp
 
@@ -255,6 +256,23 @@ def _select_layers(n_t: int, n_s: int, how: str, scores: Tensor | None) -> list[
     raise ConfigError(f"student.layer_selection: {how!r} is not one of uniform, importance")
 
 
+def _stem_state(teacher: nn.Module, t_cfg: dict[str, Any], s_cfg: dict[str, Any], ri: Tensor) -> dict[str, Tensor]:
+    """The image stem's state: a convolutional stem (models.stem) is copied whole and its projection cut to the
+    kept residual channels ``ri``; the student must have the teacher's stem."""
+    t_stem, s_stem = t_cfg["vision_cfg"].get("stem_channels"), s_cfg["vision_cfg"].get("stem_channels")
+    if t_stem != s_stem:
+        raise InheritanceError(
+            f"student vision_cfg.stem_channels: {s_stem} differs from the teacher's {t_stem}; weight inheritance "
+            "copies the convolutional stem, so give the student the teacher's stem or use student.init: random")
+    conv = teacher.visual.conv1
+    if not t_stem:
+        return {"visual.conv1.weight": conv.weight[ri]}
+    out = {f"visual.conv1.stem.{k}": v for k, v in conv.stem.state_dict().items()}
+    out["visual.conv1.proj.weight"] = conv.proj.weight[ri]
+    out["visual.conv1.proj.bias"] = conv.proj.bias[ri]
+    return out
+
+
 def _block_state(tblk: nn.Module, size: dict[str, int], rs: list[int], prefix: str, key: str) -> dict[str, Tensor]:
     """The state of one student block taken from teacher block ``tblk`` (rs: kept residual channels)."""
     attn = tblk.attn
@@ -355,12 +373,13 @@ def inherit_weights(
             v = teacher.visual
             pe = _resize_visual_pos(v.positional_embedding.detach()[:, ri], _grid(t_cfg), _grid(s_cfg))
             state.update({
-                "visual.conv1.weight": v.conv1.weight[ri], "visual.class_embedding": v.class_embedding[ri],
+                "visual.class_embedding": v.class_embedding[ri],
                 "visual.positional_embedding": pe,
                 "visual.ln_pre.weight": v.ln_pre.weight[ri], "visual.ln_pre.bias": v.ln_pre.bias[ri],
                 "visual.ln_post.weight": v.ln_post.weight[ri], "visual.ln_post.bias": v.ln_post.bias[ri],
                 "visual.proj": v.proj[ri][:, es],
             })
+            state.update(_stem_state(teacher, t_cfg, s_cfg, ri))
         else:
             pe = _resize_text_pos(teacher.positional_embedding.detach()[:, ri], s_cfg["text_cfg"]["context_length"])
             state.update({
@@ -380,70 +399,6 @@ def inherit_weights(
     log.info("inherited %s from %s: vision layers %s, text layers %s", s_cfg.get("name"), teacher_name,
              plan.layers["vision"], plan.layers["text"])
     return student
-
-
-# ------------------------------------------------------------------------------------------------- vocabulary
-
-
-@torch.no_grad()
-def prune_vocabulary(
-    model: nn.Module, captions: Sequence[str], tokenizer: Callable[[Sequence[str]], Tensor], batch_size: int = 1024
-) -> tuple[nn.Module, dict[int, int], int]:
-    """Shrink ``model``'s token table to the tokens ``captions`` use; returns ``(model, vocab_map, unk_id)``.
-
-    ``tokenizer`` maps captions to ORIGINAL BPE ids (``models.tokenizer.get_tokenizer(cfg)`` without a map). The
-    new table holds, in order: id 0, the used ids (ascending), an unk row (the mean embedding, or the old unk row
-    of an already pruned model), SOT, EOT, so EOT is the largest id. A model that already carries a vocabulary
-    map is pruned further (the maps compose). The model is changed in place; its ``tbps_config``,
-    ``tbps_vocab_map`` and ``tbps_unk_id`` are updated. Captions whose tokens are all kept embed exactly as before.
-    """
-    from ..models.factory import config_from_model
-
-    old_map: dict[int, int] | None = getattr(model, "tbps_vocab_map", None) or None
-    old_unk = getattr(model, "tbps_unk_id", None)
-    used: set[int] = set()
-    for s in range(0, len(captions), batch_size):
-        used.update(int(x) for x in torch.unique(tokenizer(list(captions[s:s + batch_size]))).tolist())
-    used -= {0, SOT_TOKEN, EOT_TOKEN}
-    if old_map is not None:
-        used = {o for o in used if o in old_map}
-    ordered = sorted(used)
-
-    def cur(orig: int) -> int:
-        return old_map[orig] if old_map is not None else orig
-
-    emb = model.token_embedding
-    table = emb.weight.detach()
-    if old_map is not None and old_unk is not None:
-        unk_row = table[old_unk]
-    else:
-        unk_row = table.mean(dim=0)
-    rows = [table[0]] + [table[cur(o)] for o in ordered]
-    rows += [unk_row, table[cur(SOT_TOKEN)], table[cur(EOT_TOKEN)]]
-    k = len(ordered)
-    vocab_map = {0: 0, **{o: i + 1 for i, o in enumerate(ordered)}, SOT_TOKEN: k + 2, EOT_TOKEN: k + 3}
-    unk_id = k + 1
-    new = nn.Embedding(len(rows), table.shape[1]).to(device=table.device, dtype=table.dtype)
-    new.weight.copy_(torch.stack(rows))
-    new.weight.requires_grad_(emb.weight.requires_grad)
-    model.token_embedding = new
-    model.tbps_vocab_map = vocab_map
-    model.tbps_unk_id = unk_id
-    model.tbps_config = config_from_model(model)
-    log.info("vocabulary pruned: %d -> %d token embeddings", table.shape[0], len(rows))
-    return model, vocab_map, unk_id
-
-
-def vocabulary_captions(records: Sequence[Any], augment: Any, clean: Callable[[str], str]) -> list[str]:
-    """The text a training run can feed the tokenizer: captions, back-translations and synonyms (when on)."""
-    texts = [clean(c) for r in records for c in r.captions]
-    if augment.text.back_translation_p > 0:
-        texts += [clean(c) for r in records for c in (r.captions_bt or ())]
-    if augment.text.synonym_p > 0:
-        from ..data.transforms import _SYNONYMS
-
-        texts += [w for ws in _SYNONYMS.values() for w in ws]
-    return texts
 
 
 # ------------------------------------------------------------------------------------------------- teacher inputs

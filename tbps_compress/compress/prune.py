@@ -383,8 +383,12 @@ def prune_tower(model: nn.Module, tower: str, cfg: PruneCfg, example: torch.Tens
     if len(cur["blocks"]) != len(reference["blocks"]):
         raise RuntimeError(f"{tower}: {len(cur['blocks'])} blocks but the reference has {len(reference['blocks'])}")
     rt = cfg.round_to
+    ignored: list[nn.Module] = []
     if tower == "vision":
-        root: nn.Module = model.visual.conv1
+        stem = getattr(model.visual.conv1, "stem", None)  # models.stem.ConvStem: prune its projection only
+        root: nn.Module = model.visual.conv1.proj if stem is not None else model.visual.conv1
+        if stem is not None:
+            ignored = [m for m in stem.modules() if isinstance(m, nn.Conv2d | nn.BatchNorm2d)]
         target = model.visual
         unwrapped = [(model.visual.class_embedding, 0), (model.visual.positional_embedding, 1),
                      (model.visual.proj, 0)]
@@ -437,6 +441,7 @@ def prune_tower(model: nn.Module, tower: str, cfg: PruneCfg, example: torch.Tens
         prune_head_dims=False,
         unwrapped_parameters=unwrapped,
         root_module_types=[nn.Conv2d, nn.Linear],
+        ignored_layers=ignored,
         **head_kwargs,
     )
     dg = pruner.DG

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import DataError
 from ..recipes import AugmentCfg
 from .records import Record, caption_pairs
-from .transforms import ImageAugment, TextAugment
+from .transforms import ImageAugment, TextAugment, swap_left_right
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class TrainSet(Dataset):
         rng = random.Random(s)
         torch.manual_seed(s)
         img = self.images[ri]
-        out: dict[str, torch.Tensor] = {"image": self.image_aug.main_view(img, rng)}
+        main, flipped = self.image_aug.main_view_flipped(img, rng)
+        out: dict[str, torch.Tensor] = {"image": main}
         if "image_mvs" in self.views:
             out["image_mvs"] = self.image_aug.main_view(img, rng)
         if "ssl_a" in self.views:
@@ -106,6 +107,8 @@ class TrainSet(Dataset):
             out["ssl_b"] = self.image_aug.ssl_view(img)
         para = rec.captions_bt[ci] if rec.captions_bt else None
         text = self.text_aug(self.clean(rec.captions[ci]), self.clean(para) if para else None, rng)
+        if flipped and self.image_aug.cfg.hflip_swaps_left_right:
+            text = swap_left_right(text)
         out["text"] = self.tokenizer([text])[0]
         out["pid"] = torch.tensor(self.labels[rec.pid], dtype=torch.long)
         out["index"] = torch.tensor(k, dtype=torch.long)

@@ -12,6 +12,7 @@ results do not depend on the number of loader workers.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 
 import torch
@@ -54,17 +55,35 @@ class ImageAugment:
         ])
 
     def main_view(self, img: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        return self.main_view_flipped(img, rng)[0]
+
+    def main_view_flipped(self, img: torch.Tensor, rng: random.Random) -> tuple[torch.Tensor, bool]:
+        """The main view and whether it ended up mirrored (an odd number of horizontal flips)."""
         out = img
+        flipped = False
         if self.names and self.cfg.num_ops:
             for name in rng.choices(self.names, k=self.cfg.num_ops):
-                out = self.ops[name](out)
-        return self.normalize(out)
+                if name == "hflip":  # drawn from ``rng`` so the caller knows whether the image was mirrored
+                    if rng.random() < self.cfg.hflip_p:
+                        out = T.functional.horizontal_flip(out)
+                        flipped = not flipped
+                else:
+                    out = self.ops[name](out)
+        return self.normalize(out), flipped
 
     def ssl_view(self, img: torch.Tensor) -> torch.Tensor:
         return self.normalize(self.ssl(img))
 
     def eval_view(self, img: torch.Tensor) -> torch.Tensor:
         return self.normalize(img)
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def swap_left_right(text: str) -> str:
+    """``left`` <-> ``right`` (whole words): the caption of a mirrored image."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", text)
 
 
 def _odd(n: int) -> int:

@@ -270,6 +270,13 @@ class Trainer:
         model = self._build_model()
         cfg = config_from_model(model) if not hasattr(model, "tbps_config") else model.tbps_config
         model.tbps_config = cfg
+        if r.model is not None and r.model.vocab_prune and not getattr(model, "tbps_vocab_map", None):
+            from ..models.tokenizer import get_tokenizer
+            from ..models.vocab import prune_vocabulary, vocabulary_captions
+
+            texts = vocabulary_captions(self.train_records, r.augment, self.clean)
+            prune_vocabulary(model, texts, get_tokenizer(cfg))
+            cfg = model.tbps_config
         self.model = model.to(device)
         set_text_attn_dropout(model, r.tricks.text_attn_dropout)
         model.visual.conv1.weight.requires_grad_(not r.tricks.freeze_patch_embed)

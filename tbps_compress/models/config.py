@@ -20,7 +20,7 @@ _CONFIG_PACKAGE = "tbps_compress.models.configs"
 _REQUIRED = ("embed_dim", "vision_cfg", "text_cfg")
 _ALLOWED_TOP = {"description", "embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "vision_blocks", "text_blocks",
                 "name"}
-_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
+_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "stem_channels"}
 _TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
 
@@ -99,6 +99,17 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
             f"{source}: 'vision_cfg.image_size' {list(hw)} is not divisible by patch_size {v['patch_size']}"
         )
     v["image_size"] = list(hw)
+    stem = v.get("stem_channels")
+    if stem:
+        if not isinstance(stem, list) or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in stem):
+            raise ConfigError(f"{source}: 'vision_cfg.stem_channels' must be a list of positive integers, got {stem!r}")
+        if v["patch_size"] % 2 ** len(stem):
+            raise ConfigError(
+                f"{source}: 'vision_cfg.stem_channels' has {len(stem)} stride-2 layers, so patch_size "
+                f"{v['patch_size']} must be divisible by {2 ** len(stem)}; use fewer stem layers or a larger patch"
+            )
+    else:
+        v.pop("stem_channels", None)
     if not cfg.get("vision_blocks") and v["width"] % v["head_width"]:
         raise ConfigError(
             f"{source}: vision width {v['width']} is not divisible by head_width {v['head_width']}; "

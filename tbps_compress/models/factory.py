@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .attention import PrunableAttention
+from .stem import ConvStem, stem_macs
 from .config import block_sizes, get_model_config, image_size_hw, validate_model_config
 
 log = logging.getLogger(__name__)
@@ -28,17 +29,21 @@ def _open_clip_model(cfg: dict[str, Any]) -> nn.Module:
     v = dict(cfg["vision_cfg"])
     t = dict(cfg["text_cfg"])
     v["image_size"] = tuple(v["image_size"])
+    stem = v.pop("stem_channels", None)
     # Per-block sizes are applied after construction; build with head counts that always divide the width.
     if cfg.get("vision_blocks"):
         v["head_width"] = v["width"]
     if cfg.get("text_blocks"):
         t["heads"] = 1
-    return CLIP(
+    model = CLIP(
         embed_dim=cfg["embed_dim"],
         vision_cfg=CLIPVisionCfg(**v),
         text_cfg=CLIPTextCfg(**t),
         quick_gelu=bool(cfg.get("quick_gelu", False)),
     )
+    if stem:
+        model.visual.conv1 = ConvStem(stem, v["width"], v["patch_size"])
+    return model
 
 
 def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
@@ -162,7 +167,9 @@ def count_macs(cfg: dict[str, Any]) -> dict[str, int]:
             macs += tokens * (width * 3 * inner + inner * width)  # qkv and output projections
             macs += 2 * tokens * tokens * inner  # scores and weighted values
             macs += 2 * tokens * width * blk["mlp_dim"]  # MLP
-        if tower == "vision":
+        if tower == "vision" and v.get("stem_channels"):
+            macs += stem_macs(v["stem_channels"], width, v["patch_size"], (h, w)) + width * cfg["embed_dim"]
+        elif tower == "vision":
             macs += (tokens - 1) * 3 * v["patch_size"] ** 2 * width + width * cfg["embed_dim"]
         else:
             macs += width * cfg["embed_dim"]

@@ -79,7 +79,8 @@ def save_model(model: nn.Module, folder: Path, cfg: dict[str, Any] | None = None
 
 
 def load_model(source: Path | Artifact, *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
-    """Rebuild a model from an artifact folder (config + safetensors), hash-verified by default."""
+    """Rebuild a model from an artifact folder (config + safetensors), hash-verified by default; in eval mode (a
+    convolutional stem's BatchNorm uses its running statistics), as every reader of an artifact wants."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -99,7 +100,7 @@ def load_model(source: Path | Artifact, *, device: str | torch.device = "cpu", v
     vocab_map, unk_id = read_vocab_map(art.path)
     if vocab_map:
         model.tbps_vocab_map, model.tbps_unk_id = vocab_map, unk_id
-    return model.to(device)
+    return model.to(device).eval()
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
