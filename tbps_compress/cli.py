@@ -80,25 +80,41 @@ def _metrics_table(rows: dict[str, dict[str, float]], title: str) -> None:
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write (reid_raw.json + imgs/).")],
-    identities: Annotated[int, typer.Option(min=1, help="Number of identities.")] = 200,
-    images_per_id: Annotated[int, typer.Option(min=1, help="Images (views) per identity.")] = 4,
-    captions_per_image: Annotated[int, typer.Option(min=1, help="Captions per image.")] = 2,
+    out: Annotated[Path, typer.Argument(help="Folder to write: reid_raw.json (file_path relative to imgs/, as in "
+                                             "CUHK-PEDES), synth_truth.json, synth_meta.json, imgs/.")],
+    preset: Annotated[str | None, typer.Option(
+        help="demo: 160/20/20 train/val/test identities, 4 images each (the default). benchmark: 10,000/200/1,000, "
+             "4 images per train identity and 3 per val/test one (test: 3,000 images, 6,000 captions). Flags "
+             "given explicitly override the preset.")] = None,
+    identities: Annotated[int | None, typer.Option(
+        help="Total identities, split 80/10/10 into train/val/test (at least 5); replaces the preset's counts, "
+             "--train-ids/--val-ids/--test-ids override it.")] = None,
+    train_ids: Annotated[int | None, typer.Option("--train-ids", help="Train identities (at least 1).")] = None,
+    val_ids: Annotated[int | None, typer.Option("--val-ids", help="Val identities (0 or at least 2).")] = None,
+    test_ids: Annotated[int | None, typer.Option(
+        "--test-ids", help="Test identities (at least 2). The test and val splits do not change with --train-ids.",
+    )] = None,
+    images_per_id: Annotated[int | None, typer.Option(help="Images (views) per train identity (preset: 4).")] = None,
+    eval_images_per_id: Annotated[int | None, typer.Option(
+        help="Images per val/test identity (default: --images-per-id; preset benchmark: 3).")] = None,
+    captions_per_image: Annotated[int | None, typer.Option(help="Captions per image (preset: 2).")] = None,
     size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "384x128",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
     preview: Annotated[Path | None, typer.Option(help="Also save a contact sheet PNG here.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: up to 2).")] = None,
     force: ForceOpt = False,
 ) -> None:
-    """Generate SynthPedes, the embedded procedural dataset (CUHK-PEDES format)."""
-    from .data.synthpedes import generate, save_preview
+    """Generate SynthPedes, the embedded procedural dataset (CUHK-PEDES format, with a ground-truth sidecar)."""
+    from .data.synthpedes import generate, preset_settings, save_preview
 
     try:
         h, w = (int(x) for x in size.lower().split("x"))
     except ValueError as exc:
         raise UserError(f"--size: expected HEIGHTxWIDTH such as 384x128, got {size!r}") from exc
-    summary = generate(out, identities=identities, images_per_id=images_per_id,
-                       captions_per_image=captions_per_image, size=(h, w), seed=seed, workers=workers, force=force)
+    settings = preset_settings(preset, identities, train_ids=train_ids, val_ids=val_ids, test_ids=test_ids,
+                               images_per_id=images_per_id, eval_images_per_id=eval_images_per_id,
+                               captions_per_image=captions_per_image)
+    summary = generate(out, size=(h, w), seed=seed, workers=workers, force=force, **settings)
     if preview is not None:
         save_preview(out, preview)
     _print_json(summary)
@@ -405,6 +421,112 @@ def search(
     typer.echo(format_results(report))
     if report.stats.unreadable:
         typer.echo(f"{report.stats.unreadable} unreadable image(s) skipped", err=True)
+
+
+def _fmt_auc(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _check_json_out(out: Path | None, force: bool) -> None:
+    """Refuse an existing ``--out`` without --force and a missing parent folder, before any work."""
+    if out is None:
+        return
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: file exists; pass --force to replace it or choose another path")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--out {out}: exists and is not a file; choose a file path such as diagnosis.json")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
+
+
+def _write_json_atomic(out: Path, data: object) -> None:
+    """Write JSON to a temporary sibling, then rename it over ``out`` (never a half-written file)."""
+    import os
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_split_truth(root: Path, split: str) -> dict:
+    """The dataset's ground truth, or one user-error line naming the file, the split and the splits present."""
+    from .data.synthpedes import load_truth
+    from .retrieval.diagnosis import TRUTH_FILE, truth_splits
+
+    truth = load_truth(root)
+    splits = truth_splits(truth)
+    if split not in splits:
+        raise UserError(f"{root / TRUTH_FILE}: no entries in split {split!r} (splits present: {', '.join(splits)}); "
+                        "pass --split with one of them")
+    return truth
+
+
+@app.command("oracle")
+def oracle_cmd(
+    root: Annotated[Path, typer.Argument(help="SynthPedes dataset root (with synth_truth.json).")],
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
+) -> None:
+    """Ground-truth attribute oracle: the retrieval the captions' attributes alone allow, per family preset."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .retrieval.diagnosis import oracle_table
+
+    result = oracle_table(_load_split_truth(root, split), split)
+    if as_json:
+        _print_json(result)
+        return
+    console = Console()
+    table = Table(title=f"attribute oracle on {root} ({split}: {result['queries']} queries, {result['images']} "
+                        f"images, {result['identities']} identities)")
+    for name in ("preset", "families", "R@1", "R@5", "R@10", "mAP", "R@1 s.e."):
+        table.add_column(name, justify="left" if name == "preset" else "right")
+    for name, m in result["presets"].items():
+        table.add_row(name, str(len(m["families"])), *(f"{m[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "R1_se")))
+    console.print(table)
+    if result["attributes"]:
+        auc = Table(title="oracle (all families): per-attribute AUC")
+        for name in ("family", "queries", "pairs", "AUC"):
+            auc.add_column(name, justify="left" if name == "family" else "right")
+        for fam, row in result["attributes"].items():
+            auc.add_row(fam, str(row["queries"]), str(row["pairs"]), _fmt_auc(row["auc"]))
+        console.print(auc)
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder (torch or ONNX).")],
+    data: Annotated[Path, typer.Option("--data", help="SynthPedes dataset root (with synth_truth.json).")],
+    split: Annotated[str, typer.Option(help="Split to diagnose.")] = "test",
+    out: Annotated[Path | None, typer.Option("--out", help="Write the diagnosis JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Per-attribute AUCs of an artifact against the ground truth, next to the oracle's (which attributes it loses)."""
+    _check_json_out(out, force)
+    _setup_logging()
+    from rich.console import Console
+    from rich.table import Table
+
+    from .retrieval.diagnosis import diagnose_artifact
+
+    result = diagnose_artifact(artifact, data, split=split, device=device)
+    _metrics_table({f"{split} (model)": result["metrics"], f"{split} (oracle)": result["oracle_metrics"]},
+                   f"{artifact} on {data}")
+    table = Table(title="per-attribute AUC: stated value ranked above a contradicting one")
+    for name in ("family", "queries", "AUC model", "AUC oracle"):
+        table.add_column(name, justify="left" if name == "family" else "right")
+    oracle = result["oracle_attributes"]
+    for fam, row in result["attributes"].items():
+        table.add_row(fam, str(row["queries"]), _fmt_auc(row["auc"]), _fmt_auc(oracle.get(fam, {}).get("auc")))
+    Console().print(table)
+    if out is not None:
+        _write_json_atomic(out, {"artifact": str(artifact), "data": str(data), **result})
+        typer.echo(f"wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> int:

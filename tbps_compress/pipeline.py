@@ -29,9 +29,18 @@ STATE_FILE = "pipeline_state.json"
 
 
 class SynthCfg(Strict):
-    identities: int = Field(400, ge=3)
-    images_per_id: int = Field(4, ge=1)
-    captions_per_image: int = Field(2, ge=1)
+    """SynthPedes to generate when ``data`` is missing: a preset and the flags of ``tbps-compress synth``."""
+
+    preset: Literal["demo", "benchmark"] | None = Field(None, description="demo (default) or benchmark (1,000 "
+                                                                          "test identities, 10,000 train)")
+    identities: int | None = Field(None, ge=5, description="Total identities split 80/10/10 (replaces the "
+                                                            "preset's split sizes).")
+    train_ids: int | None = Field(None, ge=1)
+    val_ids: int | None = Field(None, ge=0)
+    test_ids: int | None = Field(None, ge=2)
+    images_per_id: int | None = Field(None, ge=1)
+    eval_images_per_id: int | None = Field(None, ge=1, description="Images per val / test identity.")
+    captions_per_image: int | None = Field(None, ge=1)
     size: tuple[int, int] = (384, 128)
     seed: int = 0
 
@@ -127,10 +136,14 @@ class Pipeline:
                 raise
         from .data.synthpedes import generate
 
+        from .data.synthpedes import preset_settings
+
         s = self.recipe.synth
-        log.info("generating SynthPedes into %s (%d identities)", self.data, s.identities)
-        generate(self.data, identities=s.identities, images_per_id=s.images_per_id,
-                 captions_per_image=s.captions_per_image, size=tuple(s.size), seed=s.seed)
+        settings = preset_settings(s.preset, s.identities, train_ids=s.train_ids, val_ids=s.val_ids,
+                                   test_ids=s.test_ids, images_per_id=s.images_per_id,
+                                   eval_images_per_id=s.eval_images_per_id, captions_per_image=s.captions_per_image)
+        log.info("generating SynthPedes into %s (%s)", self.data, settings)
+        generate(self.data, size=tuple(s.size), seed=s.seed, **settings)
 
     def stage_key(self, st: StageCfg) -> str:
         parents = {ref: _content_hash(self.out(ref)) for ref in [st.source, st.teacher, *st.artifacts] if ref}

@@ -140,7 +140,7 @@ def _conflicting_duplicate(entries: list[dict[str, Any]]) -> None:
 def _broken_test_image(ctx: Ctx) -> None:
     ds, entries = copy_dataset(ctx)
     rel = next(e["file_path"] for e in entries if e["split"] == "test")
-    (ds / rel).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    (ds / "imgs" / rel).write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     (ctx.w / "broken.txt").write_text(rel)
 
 
@@ -422,6 +422,18 @@ CASES: list[tuple[str, Callable[[Ctx], None], list[str], list[str]]] = [
     # -- command-line arguments
     ("cli-synth-bad-size", nothing, ["synth", "{w}/s", "--size", "tall"], ["--size", "tall"]),
     ("cli-synth-zero-size", nothing, ["synth", "{w}/s", "--size", "0x32", "--identities", "4"], ["size"]),
+    ("cli-synth-too-few-identities", nothing, ["synth", "{w}/s", "--identities", "2"],
+     ["synth: --identities must be at least 5 (got 2)", "80/10/10", "--test-ids"]),
+    ("cli-synth-zero-train-ids", nothing, ["synth", "{w}/s", "--train-ids", "0"],
+     ["synth: --train-ids must be at least 1 (got 0)"]),
+    ("cli-synth-one-test-id", nothing, ["synth", "{w}/s", "--test-ids", "1", "--train-ids", "3"],
+     ["synth: --test-ids must be at least 2 (got 1)", "R@1 100"]),
+    ("cli-synth-one-val-id", nothing, ["synth", "{w}/s", "--preset", "benchmark", "--val-ids", "1"],
+     ["synth: --val-ids must be 0 (no val split) or at least 2 (got 1)", "R@1 100"]),
+    ("cli-synth-negative-val-ids", nothing, ["synth", "{w}/s", "--val-ids", "-2"],
+     ["synth: --val-ids must be 0", "(got -2)"]),
+    ("cli-synth-unknown-preset", nothing, ["synth", "{w}/s", "--preset", "huge"],
+     ["synth: --preset must be one of demo, benchmark (got 'huge')"]),
     ("cli-export-bad-opset", nothing, ["export", "--onnx", "{teacher}", "--out", "{w}/out", "--opset", "7"],
      ["--opset", "7"]),
     ("cli-export-out-inside-source", copy_teacher, ["export", "--onnx", "{w}/art", "--out", "{w}/art/onnx"],

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tbps_compress.compress import probe as probe_mod
 from tbps_compress.errors import ConfigError, UserError
 from tbps_compress.models.factory import build_model, tower_blocks
-
-from tbps_compress.compress import probe as probe_mod
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ import torch
 import yaml
 
 from tbps_compress.artifacts import write_artifact
+from tbps_compress.compress import prune
 from tbps_compress.config import validate
 from tbps_compress.errors import ConfigError
 from tbps_compress.models.factory import build_model, config_from_model, count_parameters, tower_blocks
 from tbps_compress.models.io import load_model, save_model
-
-from tbps_compress.compress import prune
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -65,7 +65,8 @@ def write_cuhk(root: Path, entries: list[dict[str, Any]] | None = None, name: st
 
 
 def write_synthpedes(root: Path) -> Path:
-    """SynthPedes writes reid_raw.json with paths relative to ROOT that start with imgs/."""
+    """The layout older SynthPedes versions wrote (paths relative to ROOT, starting with imgs/): still accepted.
+    Current SynthPedes writes paths relative to ROOT/imgs, as CUHK-PEDES does."""
     entries = []
     for split, pid in [("train", 1), ("train", 2), ("val", 3), ("test", 4)]:
         for k in range(2):

@@ -96,14 +96,14 @@ def _outside(tmp_path: Path, ds: Path, entries: list[dict[str, Any]]) -> Path:
     """A real image outside the dataset root."""
     target = tmp_path / "outside" / "secret.jpg"
     target.parent.mkdir(exist_ok=True)
-    shutil.copyfile(ds / entries[0]["file_path"], target)
+    shutil.copyfile(ds / "imgs" / entries[0]["file_path"], target)
     return target
 
 
 def _dotdot(tmp_path: Path):
     def change(ds: Path, entries: list[dict[str, Any]]) -> None:
         _outside(tmp_path, ds, entries)
-        entries[0]["file_path"] = "imgs/../../outside/secret.jpg"
+        entries[0]["file_path"] = "../../outside/secret.jpg"  # from ds/imgs to the target
 
     return change
 
@@ -118,7 +118,7 @@ def _absolute(tmp_path: Path):
 def _file_symlink(tmp_path: Path):
     def change(ds: Path, entries: list[dict[str, Any]]) -> None:
         target = _outside(tmp_path, ds, entries)
-        img = ds / entries[0]["file_path"]
+        img = ds / "imgs" / entries[0]["file_path"]
         img.unlink()
         img.symlink_to(target)
 
@@ -128,7 +128,7 @@ def _file_symlink(tmp_path: Path):
 def _folder_symlink(tmp_path: Path):
     def change(ds: Path, entries: list[dict[str, Any]]) -> None:
         target = _outside(tmp_path, ds, entries).parent
-        folder = (ds / entries[0]["file_path"]).parent
+        folder = (ds / "imgs" / entries[0]["file_path"]).parent
         shutil.copytree(folder, target, dirs_exist_ok=True)
         shutil.rmtree(folder)
         folder.symlink_to(target, target_is_directory=True)
@@ -150,9 +150,9 @@ def test_dataset_paths_cannot_leave_the_root(kind: str, needle: str, tiny_datase
 
 def test_symlinks_inside_the_root_are_fine(tiny_dataset: Path, tmp_path: Path, run_cli) -> None:
     def change(ds: Path, entries: list[dict[str, Any]]) -> None:
-        img = ds / entries[0]["file_path"]
-        shutil.move(img, ds / "moved.jpg")
-        img.symlink_to(ds / "moved.jpg")
+        img = ds / "imgs" / entries[0]["file_path"]
+        shutil.move(img, ds / "imgs" / "moved.jpg")
+        img.symlink_to(ds / "imgs" / "moved.jpg")
 
     ds = _dataset_with(tmp_path, tiny_dataset, change)
     code, out, err = run_cli(["data", "stats", ds])

@@ -24,9 +24,9 @@ training data, augmentation, seed and views; a file built for another teacher or
 not cover (a longer run) are computed online. One cache serves every student distilled from the same
 teacher with the same data settings, so a step costs only the student's forward and backward.
 
-Vocabulary pruning (:func:`tbps_compress.models.vocab.prune_vocabulary`): the token table keeps the ids the training captions use (plus
-back-translations and synonyms when those augmentations are on), id 0, SOT and EOT, and one ``unk`` row (the mean
-embedding) for unseen tokens. New ids: 0, used ids in order, unk, SOT, EOT (EOT stays the largest id: text pooling
+Vocabulary pruning (:func:`tbps_compress.models.vocab.prune_vocabulary`): the token table keeps the ids the
+training captions use (plus back-translations and synonyms when those augmentations are on), id 0, SOT and EOT,
+and one ``unk`` row (the mean embedding) for unseen tokens. New ids: 0, used ids in order, unk, SOT, EOT (EOT stays the largest id: text pooling
 is the argmax over ids). The artifact carries ``vocab_map.json`` ({original: new}) and ``tokenizer.json``
 ({"unk_id"}); the config's ``text_cfg.vocab_size`` is the new size.
 """
@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from ..config import Strict
 from ..errors import ConfigError, UserError
-from ..models.factory import EOT_TOKEN, SOT_TOKEN, tower_blocks
+from ..models.factory import EOT_TOKEN, tower_blocks
 from ..models.vocab import prune_vocabulary, vocabulary_captions
 from ..recipes import ModelCfg, TrainRecipe
 from . import importance as imp

@@ -12,7 +12,8 @@ Supported formats (all JSON lists of objects):
                 present, ``val_reid.json``.
 
 Image paths are relative to the image root: ``ROOT/imgs`` when that folder exists and the paths resolve there
-(the real CUHK-PEDES layout, ``CUHK01/0363004.png``), else ``ROOT`` (SynthPedes writes ``imgs/train/...``).
+(the real CUHK-PEDES layout, ``CUHK01/0363004.png``; SynthPedes writes ``train/0001/0001_01.jpg``), else
+``ROOT`` (older SynthPedes folders wrote ``imgs/train/...``).
 The choice is made once per dataset by probing a sample of paths.
 
 Every problem raises :class:`DataError` naming the file, the entry index and the field. With ``on_error="skip"``

@@ -5,6 +5,11 @@ which visible facts a caption mentions and which colour word it uses for each (o
 wrong one, as real annotators do), then :func:`realize` turns that content into sentences with a randomly chosen
 structure and synonyms. Realising the same content a second time with a different structure gives the
 ``captions_bt`` paraphrase (it stands in for back-translation).
+
+Every fact in a content dict is realised by every template, so a caption and its paraphrase state exactly the
+facts of their content. :func:`flatten_visible` and :func:`flatten_stated` turn the facts of an image and the
+content of a caption into flat ``{family: value}`` dicts over :data:`TRUTH_FAMILIES`; SynthPedes writes them to its
+ground-truth sidecar ``synth_truth.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ COLOURS: tuple[str, ...] = (
 
 MIN_WORDS = 15
 MAX_WORDS = 40
+
+# The families of the ground-truth sidecar, in order, and the coarse ones (what a low-resolution glance shows).
+TRUTH_FAMILIES: tuple[str, ...] = (
+    "gender", "build", "view", "hair_style", "hair_color", "hat", "hat_color", "face", "upper_type", "upper_color",
+    "upper_pattern", "upper_color2", "upper_inner", "lower_type", "lower_color", "shoe_type", "shoe_color", "bag",
+    "bag_color", "held", "held_color",
+)  # fmt: skip
+COARSE_FAMILIES: tuple[str, ...] = ("gender", "upper_type", "upper_color", "upper_pattern", "lower_type",
+                                    "lower_color")
 
 _TOKEN_RE = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 
@@ -70,6 +84,11 @@ _HAIR_COLOUR_WORDS = {
     "blonde": ("blonde", "blond", "light blonde"),
     "grey": ("grey", "gray", "silver"),
     "red": ("red", "auburn", "ginger"),
+}
+# hair colour word -> hair colour, for the words that name exactly one hair colour
+_HAIR_WORD_VALUE: dict[str, str] = {
+    word: value for value, words in _HAIR_COLOUR_WORDS.items() for word in words
+    if sum(word in ws for ws in _HAIR_COLOUR_WORDS.values()) == 1
 }
 _HAIR_LENGTH_WORDS = {
     "short": ("short", "short", "cropped"),
@@ -194,6 +213,10 @@ def visible_facts(attrs: dict[str, str], extras: dict[str, Any], view: str, faci
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# how often a caption names the second colour of each pattern (plain tops have none to name)
+_SAY_COLOUR2_P = {"striped": 2 / 3, "checked": 2 / 3, "logo": 0.6, "two-tone": 1.0}
+
+
 def _noisy_colour(colour: str, rng: np.random.Generator, p_vague: float = 0.04, p_wrong: float = 0.045,
                   p_omit: float = 0.03) -> str | None:
     r = float(rng.random())
@@ -221,11 +244,16 @@ def choose_content(facts: dict[str, Any], rng: np.random.Generator) -> dict[str,
     if "upper" in c:
         u = dict(c["upper"])
         u["colour"] = _noisy_colour(u["colour"], rng)
-        u["colour2"] = _noisy_colour(u["colour2"], rng, p_omit=0.1)
+        colour2 = _noisy_colour(u["colour2"], rng, p_omit=0.1)
         if u["inner"] is not None:
             u["inner"] = _noisy_colour(u["inner"], rng) if rng.random() < 0.6 else None
         if u["pattern"] != "plain" and rng.random() < 0.12:
             u["pattern"] = "plain"  # annotators skip details
+        # whether the second colour is said belongs to the content, so that the paraphrase says it too
+        say2 = _SAY_COLOUR2_P.get(u["pattern"], 0.0)
+        u["colour2"] = colour2 if colour2 is not None and rng.random() < say2 else None
+        if u["pattern"] != "plain":
+            u["inner"] = None  # a caption describes either the pattern or the layer underneath
         u["sleeves"] = rng.random() < 0.2
         c["upper"] = u
     for key in ("lower", "shoes", "hat"):
@@ -296,31 +324,29 @@ class _Writer:
         if u.get("sleeves"):
             sleeve = {"t-shirt": "short sleeved", "dress": "", "tank top": "", "coat": ""}.get(kind, "long sleeved")
         if pattern == "striped":
-            form = int(self.rng.integers(3))
-            if c2 is None or form == 0:
+            if c2 is None:
                 text = self.noun_phrase(kind, c1, pre="striped")
-            elif form == 1:
+            elif c1 is None or self.p(0.5):
                 text = self.noun_phrase(kind, c1, post=f"with {self.colour(c2)} stripes")
             else:
                 text = _article(f"{self.colour(c1)} and {self.colour(c2)} striped {self.pick(_NOUNS[kind])[0]}")
         elif pattern == "checked":
-            form = int(self.rng.integers(3))
             pat = self.pick(("plaid", "checked", "checkered"))
-            if c2 is None or form == 0:
+            if c2 is None:
                 text = self.noun_phrase(kind, c1, pre=pat)
-            elif form == 1:
+            elif c1 is not None and self.p(0.5):
                 text = _article(f"{self.colour(c1)} and {self.colour(c2)} {pat} {self.pick(_NOUNS[kind])[0]}")
             else:
                 text = self.noun_phrase(kind, c1, post=f"with a {self.colour(c2)} {pat} pattern")
         elif pattern == "logo":
             what = self.pick(("logo", "graphic", "design", "print"))
             where = self.pick(("on the front", "on the chest", "on it"))
-            col = f"{self.colour(c2)} " if c2 is not None and self.p(0.6) else ""
+            col = f"{self.colour(c2)} " if c2 is not None else ""
             text = self.noun_phrase(kind, c1, post=f"with {_article(col + what)} {where}")
         elif pattern == "two-tone":
             if c2 is None:
                 text = self.noun_phrase(kind, c1, pre="two tone")
-            elif self.p(0.5):
+            elif c1 is not None and self.p(0.5):
                 text = _article(f"{self.colour(c1)} and {self.colour(c2)} {self.pick(_NOUNS[kind])[0]}")
             else:
                 text = self.noun_phrase(kind, c1, post=f"with {self.colour(c2)} sleeves and shoulders")
@@ -456,8 +482,10 @@ def realize(content: dict[str, Any], rng: np.random.Generator, template: int | N
         if has_view:
             sents.append(f"{he} is {w.view()}")
     elif t == 2:
-        # This person has on ...
-        sents.append(f"this person has on {_join(wear, rng)}" if wear else "this person is walking")
+        # This person has on ... (named when no pronoun follows, and when the build is part of the content)
+        follows = has_hair or bool(carry) or has_view
+        who = w.subject("this") if "build" in content or not follows else "this person"
+        sents.append(f"{who} has on {_join(wear, rng)}" if wear else f"{who} is walking")
         extra = []
         if has_hair:
             extra.append(w.hair("has"))
@@ -488,7 +516,9 @@ def realize(content: dict[str, Any], rng: np.random.Generator, template: int | N
         sents.append(", ".join(parts))
     elif t == 5:
         # She wears ... Her hair is ...
-        sents.append(f"{w.he} wears {_join(wear, rng)}" if wear else f"{w.he} is walking")
+        build = content.get("build")
+        lead = f"{w.he} is {w.pick(_BUILD[build])} and" if build in _BUILD else w.he
+        sents.append(f"{lead} wears {_join(wear, rng)}" if wear else f"{lead} is walking")
         if has_hair:
             style, colour = content["hair"]
             if style in ("short", "medium", "long") and colour and rng.random() < 0.6:
@@ -554,10 +584,16 @@ def _fit(content: dict[str, Any], facts: dict[str, Any], rng: np.random.Generato
     return text, t, content
 
 
-def write_captions(facts: dict[str, Any], n: int, rng: np.random.Generator) -> tuple[list[str], list[str]]:
-    """``n`` distinct captions for one image and a faithful paraphrase of each."""
+def write_captions(facts: dict[str, Any], n: int, rng: np.random.Generator,
+                   ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """``n`` distinct captions for one image, a faithful paraphrase of each, and the content each realises.
+
+    The content dicts are the final ones (after :func:`_fit` dropped details for length); a caption and its
+    paraphrase state the same facts, those of its content (see :func:`flatten_stated`).
+    """
     captions: list[str] = []
     paraphrases: list[str] = []
+    contents: list[dict[str, Any]] = []
     for _ in range(n):
         text, t, content = "", 0, {}
         for _attempt in range(20):
@@ -566,6 +602,7 @@ def write_captions(facts: dict[str, Any], n: int, rng: np.random.Generator) -> t
             if text not in captions:
                 break
         captions.append(text)
+        contents.append(content)
         bt = text
         for attempt in range(24):
             if attempt == 12:  # short content: let the paraphrase add a fact-free sentence
@@ -576,4 +613,81 @@ def write_captions(facts: dict[str, Any], n: int, rng: np.random.Generator) -> t
                 bt = cand
                 break
         paraphrases.append(bt)
-    return captions, paraphrases
+    return captions, paraphrases, contents
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ground truth: flat {family: value} views of what an image shows and what a caption says
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def flatten_visible(facts: dict[str, Any]) -> dict[str, str | None]:
+    """What one image shows, as a value (or ``None``) for every family of :data:`TRUTH_FAMILIES`, in order.
+
+    ``facts`` is :func:`visible_facts`' result. A thing the image does not show is the string ``"none"`` (no hat,
+    no bag, nothing held, no face accessory or one a back view hides, hair hidden under a hat, shoes behind an
+    occluder, no separate lower garment under a dress) and its colour is ``None``. ``view`` is front/back/side,
+    ``build`` slim/average/heavy. ``upper_pattern`` is the pattern as seen (a logo only from the front, else
+    ``"plain"``); ``upper_color2`` is the second colour only when that pattern shows one (stripes, checks,
+    two-tone, logo), else ``None``; ``upper_inner`` is the colour of the layer under an open jacket or coat seen
+    from the front, else ``None``; ``held_color`` is set only for umbrellas.
+    """
+    hair, hat, lower, shoes, bag, held = (facts.get(k) for k in ("hair", "hat", "lower", "shoes", "bag", "held"))
+    upper = facts["upper"]
+    pattern = upper["pattern"]
+    return {
+        "gender": facts["gender"], "build": facts["build"], "view": facts["view"],
+        "hair_style": hair[0] if hair else "none", "hair_color": hair[1] if hair else None,
+        "hat": hat[0] if hat else "none", "hat_color": hat[1] if hat else None,
+        "face": facts.get("face") or "none",
+        "upper_type": upper["type"], "upper_color": upper["colour"], "upper_pattern": pattern,
+        "upper_color2": upper["colour2"] if pattern in _SAY_COLOUR2_P else None, "upper_inner": upper["inner"],
+        "lower_type": lower[0] if lower else "none", "lower_color": lower[1] if lower else None,
+        "shoe_type": shoes[0] if shoes else "none", "shoe_color": shoes[1] if shoes else None,
+        "bag": bag[0] if bag else "none", "bag_color": bag[1] if bag else None,
+        "held": held[0] if held else "none", "held_color": held[1] if held and held[0] == "umbrella" else None,
+    }  # fmt: skip
+
+
+def flatten_stated(content: dict[str, Any]) -> dict[str, str]:
+    """What one caption says, as ``{family: value}`` for only the families it states (in :data:`TRUTH_FAMILIES`
+    order).
+
+    ``content`` is one of the dicts :func:`write_captions` returns. Colours are the value the content carries,
+    which is what the caption's colour word means: usually the true colour, sometimes a vague one (``dark``,
+    ``light``, ``bright``) or a near miss, recorded as given; a colour the caption leaves out is absent. A hair
+    colour word is mapped back to its hair colour (``auburn`` -> ``red``) when it names exactly one, else kept as
+    the word. ``gender`` is always stated; ``build`` (slim/heavy) and ``view`` only when the caption says them;
+    ``upper_pattern`` only when the caption names a pattern (a caption that names none says nothing about it).
+    """
+    out: dict[str, str] = {"gender": content["gender"]}
+    if content.get("build") is not None:
+        out["build"] = content["build"]
+    if "view" in content:
+        out["view"] = content["view"][0]
+    if "hair" in content:
+        style, word = content["hair"]
+        out["hair_style"] = style
+        if word is not None:
+            out["hair_color"] = _HAIR_WORD_VALUE.get(word, word)
+    if "face" in content:
+        out["face"] = content["face"]
+    if "upper" in content:
+        u = content["upper"]
+        out["upper_type"] = u["type"]
+        if u["colour"] is not None:
+            out["upper_color"] = u["colour"]
+        if u["pattern"] != "plain":
+            out["upper_pattern"] = u["pattern"]
+            if u["colour2"] is not None:
+                out["upper_color2"] = u["colour2"]
+        elif u.get("inner") is not None:
+            out["upper_inner"] = u["inner"]
+    for key, kind_family, colour_family in (("hat", "hat", "hat_color"), ("lower", "lower_type", "lower_color"),
+                                            ("shoes", "shoe_type", "shoe_color"), ("bag", "bag", "bag_color"),
+                                            ("held", "held", "held_color")):
+        if key in content:
+            out[kind_family] = content[key][0]
+            if content[key][1] is not None:
+                out[colour_family] = content[key][1]
+    return {f: out[f] for f in TRUTH_FAMILIES if f in out}

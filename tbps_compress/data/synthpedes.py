@@ -7,18 +7,25 @@ Pillow. Captions describe only what that image shows (see :mod:`tbps_compress.da
 identities are near-copies of another identity of the same split that differ in one or two attributes, so that
 retrieval needs fine detail.
 
-Output (all paths relative to ``OUT``)::
+Output (all paths relative to ``OUT``; the layout of CUHK-PEDES, whose loaders join ``OUT/imgs/<file_path>``)::
 
-    reid_raw.json      CUHK-PEDES schema: split, captions, file_path, processed_tokens, id (+ captions_bt)
-    synth_meta.json    per-identity attributes, per-image view/camera/occluder, the attribute families
+    reid_raw.json      CUHK-PEDES schema: split, captions, file_path, processed_tokens, id (+ captions_bt);
+                       file_path is relative to imgs/, e.g. test/0001/0001_01.jpg
+    synth_truth.json   ground truth, one entry per reid_raw.json entry: what each image shows and what each
+                       caption states (see :func:`load_truth`)
+    synth_meta.json    per-split counts, per-identity attributes, per-image view/camera/occluder, the families
     imgs/<split>/<id>/<id>_<k>.jpg
 
-Everything is a pure function of the arguments and the seed: the same call writes the same bytes whatever the
-number of worker processes.
+Identities are numbered test first (1..test_ids), then val, then train, and each split draws its identities and
+near-copies from its own random stream; images and captions draw from streams keyed on the identity. So the val
+and test splits (their reid_raw.json entries and image bytes) do not change with the number of training
+identities. Everything is a pure function of the arguments and the seed: the same call writes the same bytes
+whatever the number of worker processes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,7 +41,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-from tbps_compress.data.synth_text import COLOURS, tokenize, visible_facts, write_captions
+from tbps_compress.data.synth_text import (
+    COARSE_FAMILIES,
+    COLOURS,
+    TRUTH_FAMILIES,
+    flatten_stated,
+    flatten_visible,
+    tokenize,
+    visible_facts,
+    write_captions,
+)
 from tbps_compress.errors import DataError, UserError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +58,21 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 META_FILE = "synth_meta.json"
 ANNOTATION_FILE = "reid_raw.json"
+TRUTH_FILE = "synth_truth.json"
+TRUTH_FORMAT = "synthpedes-truth"
+TRUTH_VERSION = 1
+SPLIT_ORDER = ("test", "val", "train")  # identity numbering order
+_SPLIT_CODE = {"test": 1, "val": 2, "train": 3}
+DEFAULT_IDENTITIES = 200
+MIN_IDENTITIES = 5  # --identities N: 2 test + 2 val + 1 train at least
+MIN_TEST_IDS = 2
+PRESETS: dict[str, dict[str, int]] = {
+    # what `tbps-compress synth OUT` writes without flags (--identities 200)
+    "demo": {"train_ids": 160, "val_ids": 20, "test_ids": 20, "images_per_id": 4, "captions_per_image": 2},
+    # a test split of CUHK-PEDES scale: 1,000 identities, 3,000 images, 6,000 captions
+    "benchmark": {"train_ids": 10_000, "val_ids": 200, "test_ids": 1_000, "images_per_id": 4,
+                  "eval_images_per_id": 3, "captions_per_image": 2},
+}
 VIEWS = ("front", "back", "side")
 NEAR_COPY_FRACTION = 0.3
 
@@ -234,43 +265,44 @@ def _mutate(attrs: dict[str, str], extras: dict[str, Any], rng: np.random.Genera
     return dict(attrs), json.loads(json.dumps(extras)), []
 
 
-def _split_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
-    if n < 3:
-        return n, 0, 0
-    n_val = max(1, round(n * fractions[1])) if fractions[1] > 0 else 0
-    n_test = max(1, round(n * fractions[2])) if fractions[2] > 0 else 0
-    while n - n_val - n_test < 1:
-        if n_val >= n_test and n_val > 1:
-            n_val -= 1
-        else:
-            n_test -= 1
-    return n - n_val - n_test, n_val, n_test
+def split_counts(identities: int) -> tuple[int, int, int]:
+    """``(train, val, test)`` identity counts of ``--identities N``: 80/10/10, at least 2 val and 2 test."""
+    if identities < MIN_IDENTITIES:
+        raise UserError(f"synth: --identities must be at least {MIN_IDENTITIES} (got {identities}): it is split "
+                        f"80/10/10 and val and test need 2 identities each; or set --train-ids, --val-ids and "
+                        f"--test-ids")
+    n_val = n_test = max(2, round(identities * 0.1))
+    return identities - n_val - n_test, n_val, n_test
 
 
-def make_identities(identities: int, seed: int, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                    ) -> list[dict[str, Any]]:
-    """All identities with their split, attributes and (for near-copies) which identity they copy."""
-    sizes = _split_sizes(identities, split_fractions)
-    splits = ["train"] * sizes[0] + ["val"] * sizes[1] + ["test"] * sizes[2]
-    rng_struct = np.random.default_rng([seed, 5])
+def make_identities(seed: int, train_ids: int, val_ids: int = 0, test_ids: int = 0) -> list[dict[str, Any]]:
+    """All identities with their split, attributes and (for near-copies) which identity they copy.
+
+    Numbered test first (ids 1..test_ids), then val, then train. Each split decides its near-copies with its own
+    stream and every identity draws from a stream keyed on its id, so a split does not depend on the sizes of the
+    splits numbered after it.
+    """
+    counts = {"test": test_ids, "val": val_ids, "train": train_ids}
     out: list[dict[str, Any]] = []
-    by_split: dict[str, list[dict[str, Any]]] = {s: [] for s in ("train", "val", "test")}
-    for i, split in enumerate(splits):
-        pid = i + 1
-        rng = np.random.default_rng([seed, 7, pid])
-        same_split = by_split[split]
-        copy = rng_struct.random() < NEAR_COPY_FRACTION and len(same_split) > 0
-        base = same_split[int(rng_struct.integers(len(same_split)))] if copy else None
-        if base is not None:
-            attrs, extras, changed = _mutate(base["attributes"], base["extras"], rng)
-            if not changed:
-                base = None
-        if base is None:
-            attrs, extras = sample_identity(rng)
-            changed = []
-        out.append({"id": pid, "split": split, "attributes": attrs, "extras": extras,
-                    "near_copy_of": base["id"] if base is not None else None, "changed": changed})
-        same_split.append(out[-1])
+    pid = 0
+    for split in SPLIT_ORDER:
+        rng_struct = np.random.default_rng([seed, 5, _SPLIT_CODE[split]])
+        same_split: list[dict[str, Any]] = []
+        for _ in range(counts[split]):
+            pid += 1
+            rng = np.random.default_rng([seed, 7, pid])
+            copy = rng_struct.random() < NEAR_COPY_FRACTION and len(same_split) > 0
+            base = same_split[int(rng_struct.integers(len(same_split)))] if copy else None
+            if base is not None:
+                attrs, extras, changed = _mutate(base["attributes"], base["extras"], rng)
+                if not changed:
+                    base = None
+            if base is None:
+                attrs, extras = sample_identity(rng)
+                changed = []
+            out.append({"id": pid, "split": split, "attributes": attrs, "extras": extras,
+                        "near_copy_of": base["id"] if base is not None else None, "changed": changed})
+            same_split.append(out[-1])
     return out
 
 
@@ -1245,36 +1277,85 @@ def _render_job(job: tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], 
 # ================================================================================================================
 
 
-def _check_args(identities: int, images_per_id: int, captions_per_image: int, size: tuple[int, int],
-                split_fractions: tuple[float, float, float], workers: int | None) -> None:
-    if identities < 1:
-        raise UserError(f"synth: --identities must be at least 1 (got {identities})")
+def _check_args(images_per_id: int, eval_images_per_id: int, captions_per_image: int, size: tuple[int, int],
+                workers: int | None) -> None:
     if images_per_id < 1:
         raise UserError(f"synth: --images-per-id must be at least 1 (got {images_per_id})")
+    if eval_images_per_id < 1:
+        raise UserError(f"synth: --eval-images-per-id must be at least 1 (got {eval_images_per_id})")
     if captions_per_image < 1:
         raise UserError(f"synth: --captions-per-image must be at least 1 (got {captions_per_image})")
     if len(size) != 2 or size[0] < 48 or size[1] < 16:
         raise UserError(f"synth: --size must be HEIGHTxWIDTH with height >= 48 and width >= 16 (got {size})")
-    if len(split_fractions) != 3 or min(split_fractions) < 0 or abs(sum(split_fractions) - 1.0) > 1e-6:
-        raise UserError(f"synth: split fractions must be three non-negative numbers summing to 1 (got "
-                        f"{split_fractions})")
     if workers is not None and workers < 1:
         raise UserError(f"synth: --workers must be at least 1 (got {workers})")
 
 
-def generate(out: Path, identities: int = 200, images_per_id: int = 4, captions_per_image: int = 2,
-             size: tuple[int, int] = (384, 128), seed: int = 0,
-             split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), workers: int | None = None,
-             force: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def _check_counts(train_ids: int, val_ids: int, test_ids: int) -> None:
+    if train_ids < 1:
+        raise UserError(f"synth: --train-ids must be at least 1 (got {train_ids})")
+    if test_ids < MIN_TEST_IDS:
+        raise UserError(f"synth: --test-ids must be at least {MIN_TEST_IDS} (got {test_ids}): retrieval among "
+                        f"fewer than 2 test identities is meaningless (with 1, any model scores R@1 100)")
+    if val_ids < 0 or val_ids == 1:
+        raise UserError(f"synth: --val-ids must be 0 (no val split) or at least 2 (got {val_ids}): with 1 val "
+                        f"identity any model scores R@1 100, so validation could not pick a checkpoint")
+
+
+def resolve_counts(identities: int | None = None, train_ids: int | None = None, val_ids: int | None = None,
+                   test_ids: int | None = None) -> tuple[int, int, int]:
+    """``(train, val, test)`` identity counts: the explicit per-split counts, the others from ``identities``
+    (80/10/10, default :data:`DEFAULT_IDENTITIES`). Raises :class:`UserError` for counts that cannot work."""
+    if train_ids is None or val_ids is None or test_ids is None:
+        base = split_counts(DEFAULT_IDENTITIES if identities is None else identities)
+        train_ids = base[0] if train_ids is None else train_ids
+        val_ids = base[1] if val_ids is None else val_ids
+        test_ids = base[2] if test_ids is None else test_ids
+    _check_counts(train_ids, val_ids, test_ids)
+    return train_ids, val_ids, test_ids
+
+
+def preset_settings(preset: str | None = None, identities: int | None = None, **flags: int | None) -> dict[str, int]:
+    """The keyword arguments of :func:`generate` for ``tbps-compress synth``: the preset's values (default
+    ``demo``), then ``identities`` (replacing the preset's split counts), then every flag that is not ``None``
+    (``train_ids``, ``val_ids``, ``test_ids``, ``images_per_id``, ``eval_images_per_id``, ``captions_per_image``).
+    Without a preset or flag value for ``eval_images_per_id``, val and test get ``images_per_id`` images.
+    """
+    name = "demo" if preset is None else preset
+    if name not in PRESETS:
+        raise UserError(f"synth: --preset must be one of {', '.join(PRESETS)} (got {preset!r})")
+    unknown = sorted(set(flags) - {"train_ids", "val_ids", "test_ids", "images_per_id", "eval_images_per_id",
+                                   "captions_per_image"})
+    if unknown:
+        raise TypeError(f"preset_settings: unknown setting(s) {', '.join(unknown)}")
+    out = dict(PRESETS[name])
+    if identities is not None:  # generate() splits it (and checks it together with the other arguments)
+        for key in ("train_ids", "val_ids", "test_ids"):
+            del out[key]
+        out["identities"] = identities
+    out.update({k: v for k, v in flags.items() if v is not None})
+    return out
+
+
+def generate(out: Path, identities: int | None = None, images_per_id: int = 4, captions_per_image: int = 2,
+             size: tuple[int, int] = (384, 128), seed: int = 0, workers: int | None = None, force: bool = False,
+             progress: Callable[[int, int], None] | None = None, *, train_ids: int | None = None,
+             val_ids: int | None = None, test_ids: int | None = None,
+             eval_images_per_id: int | None = None) -> dict[str, Any]:
     """Write a SynthPedes dataset to ``out`` (CUHK-PEDES layout) and return a summary.
 
+    Split sizes: ``train_ids``, ``val_ids`` and ``test_ids`` identities; those not given come from ``identities``
+    split 80/10/10 (default 200: 160/20/20). The test split needs at least 2 identities, val 0 or at least 2.
+    ``images_per_id`` applies to train, ``eval_images_per_id`` (default: ``images_per_id``) to val and test.
     ``size`` is (height, width). The dataset is built in a temporary sibling folder and renamed into place, so
     ``out`` never holds a partial dataset. A non-empty ``out`` is replaced only with ``force=True``.
     """
     t0 = time.perf_counter()
     out = Path(out)
     size = (int(size[0]), int(size[1]))
-    _check_args(identities, images_per_id, captions_per_image, size, split_fractions, workers)
+    eval_images = images_per_id if eval_images_per_id is None else eval_images_per_id
+    _check_args(images_per_id, eval_images, captions_per_image, size, workers)
+    counts = resolve_counts(identities, train_ids, val_ids, test_ids)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -1284,9 +1365,10 @@ def generate(out: Path, identities: int = 200, images_per_id: int = 4, captions_
     if tmp.exists():
         shutil.rmtree(tmp)
     n_workers = workers if workers is not None else min(2, os.cpu_count() or 1)
+    per_split = {"train": (counts[0], images_per_id), "val": (counts[1], eval_images),
+                 "test": (counts[2], eval_images)}
     try:
-        summary = _build(tmp, identities, images_per_id, captions_per_image, size, seed, split_fractions,
-                         n_workers, progress)
+        summary = _build(tmp, per_split, captions_per_image, size, seed, n_workers, progress)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -1298,42 +1380,48 @@ def generate(out: Path, identities: int = 200, images_per_id: int = 4, captions_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    logger.info("SynthPedes: wrote %d images of %d identities to %s in %.1f s", summary["images"], identities, out,
-                summary["seconds"])
+    summary["images_per_s"] = round(summary["images"] / max(summary["seconds"], 1e-9), 1)
+    logger.info("SynthPedes: wrote %d images of %d identities (train %d, val %d, test %d) to %s in %.1f s "
+                "(%.1f images/s)", summary["images"], sum(counts), *counts, out, summary["seconds"],
+                summary["images_per_s"])
     return summary
 
 
-def _build(root: Path, identities: int, images_per_id: int, captions_per_image: int, size: tuple[int, int],
-           seed: int, split_fractions: tuple[float, float, float], workers: int,
-           progress: Callable[[int, int], None] | None) -> dict[str, Any]:
-    idents = make_identities(identities, seed, split_fractions)
+def _build(root: Path, per_split: dict[str, tuple[int, int]], captions_per_image: int, size: tuple[int, int],
+           seed: int, workers: int, progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """``per_split``: split -> (identities, images per identity)."""
+    idents = make_identities(seed, train_ids=per_split["train"][0], val_ids=per_split["val"][0],
+                             test_ids=per_split["test"][0])
     cams = make_cameras(seed)
     images: list[tuple[dict[str, Any], dict[str, Any], str]] = []
     jobs = []
     for ident in idents:
         pid, split = ident["id"], ident["split"]
         (root / "imgs" / split / f"{pid:04d}").mkdir(parents=True, exist_ok=True)
-        for plan in plan_images(ident, images_per_id, seed, len(cams)):
-            rel = f"imgs/{split}/{pid:04d}/{pid:04d}_{plan['k']:02d}.jpg"
+        for plan in plan_images(ident, per_split[split][1], seed, len(cams)):
+            rel = f"{split}/{pid:04d}/{pid:04d}_{plan['k']:02d}.jpg"  # relative to imgs/, as in CUHK-PEDES
             images.append((ident, plan, rel))
-            jobs.append((str(root / rel), ident, plan, cams[plan["camera"]], seed, size))
+            jobs.append((str(root / "imgs" / rel), ident, plan, cams[plan["camera"]], seed, size))
     total = len(jobs)
 
-    def annotate() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        entries, metas = [], []
+    def annotate() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        entries, metas, truths = [], [], []
         for ident, plan, rel in images:
             pid = ident["id"]
             facts = visible_facts(ident["attributes"], ident["extras"], plan["view"], plan["facing"], plan["hidden"])
-            caps, bts = write_captions(facts, captions_per_image, np.random.default_rng([seed, 17, pid, plan["k"]]))
+            caps, bts, contents = write_captions(facts, captions_per_image,
+                                                 np.random.default_rng([seed, 17, pid, plan["k"]]))
             entries.append({"split": ident["split"], "captions": caps, "file_path": rel,
                             "processed_tokens": [tokenize(c) for c in caps], "id": pid, "captions_bt": bts})
             metas.append({"file_path": rel, "id": pid, "view": plan["view"], "facing": plan["facing"],
                           "camera": plan["camera"], "occluder": plan["occluder"]})
-        return entries, metas
+            truths.append({"file_path": rel, "id": pid, "split": ident["split"], "visible": flatten_visible(facts),
+                           "stated": [flatten_stated(c) for c in contents]})
+        return entries, metas, truths
 
     done = 0
     if workers <= 1 or total < 8:
-        entries, images_meta = annotate()
+        entries, images_meta, truths = annotate()
         for job in jobs:
             done += _render_job(job)
             if progress is not None:
@@ -1342,29 +1430,43 @@ def _build(root: Path, identities: int, images_per_id: int, captions_per_image: 
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(processes=workers) as pool:
             results = pool.imap_unordered(_render_job, jobs, chunksize=max(1, min(16, total // (workers * 8))))
-            entries, images_meta = annotate()  # captions are written while the workers draw
+            entries, images_meta, truths = annotate()  # captions are written while the workers draw
             for n in results:
                 done += n
                 if progress is not None:
                     progress(done, total)
+    split_info: dict[str, dict[str, int]] = {}
+    for split in ("train", "val", "test"):
+        n_ids, per_id = per_split[split]
+        recs = [e for e in entries if e["split"] == split]
+        split_info[split] = {"identities": n_ids, "images_per_id": per_id, "images": len(recs),
+                             "captions": sum(len(e["captions"]) for e in recs)}
     meta = {
         "format": "synthpedes", "version": FORMAT_VERSION, "seed": seed, "size": list(size),
-        "images_per_id": images_per_id, "captions_per_image": captions_per_image,
+        "images_per_id": per_split["train"][1], "eval_images_per_id": per_split["test"][1],
+        "captions_per_image": captions_per_image, "file_path_root": "imgs", "splits": split_info,
         "attribute_families": ATTRIBUTE_FAMILIES,
         "identities": [{k: i[k] for k in ("id", "split", "near_copy_of", "changed", "attributes", "extras")}
                        for i in idents],
         "images": images_meta, "cameras": cams,
     }
-    (root / ANNOTATION_FILE).write_text(json.dumps(entries), encoding="utf-8")
+    annotation = json.dumps(entries).encode("utf-8")
+    (root / ANNOTATION_FILE).write_bytes(annotation)
+    truth = {"format": TRUTH_FORMAT, "version": TRUTH_VERSION,
+             "annotation_sha256": hashlib.sha256(annotation).hexdigest(),
+             "families": list(TRUTH_FAMILIES), "coarse": list(COARSE_FAMILIES), "entries": truths}
+    (root / TRUTH_FILE).write_text(json.dumps(truth, separators=(",", ":")), encoding="utf-8")
     (root / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    summary: dict[str, Any] = {"identities": identities, "images": total,
-                               "captions": total * captions_per_image, "splits": {}}
-    for split in ("train", "val", "test"):
-        recs = [e for e in entries if e["split"] == split]
-        if recs:
-            summary["splits"][split] = {"identities": len({e["id"] for e in recs}), "images": len(recs),
-                                        "captions": sum(len(e["captions"]) for e in recs)}
-    return summary
+    return {"identities": len(idents), "images": total, "captions": total * captions_per_image,
+            "splits": {k: {f: v[f] for f in ("identities", "images", "captions")}
+                       for k, v in split_info.items() if v["identities"]}}
+
+
+def _image_file(root: Path, file_path: str) -> Path:
+    """``ROOT/imgs/<file_path>`` (this layout), or ``ROOT/<file_path>`` for folders whose paths start with imgs/
+    (written by older versions)."""
+    under = root / "imgs" / file_path
+    return root / file_path if not under.is_file() and (root / file_path).is_file() else under
 
 
 def save_preview(root: Path, out_png: Path, identities: int = 6) -> Path:
@@ -1383,7 +1485,7 @@ def save_preview(root: Path, out_png: Path, identities: int = 6) -> Path:
     ids = sorted(by_id)[: max(1, identities)]
     if not ids:
         raise DataError(f"{ann}: has no entries; regenerate the dataset")
-    first = Image.open(root / by_id[ids[0]][0]["file_path"])
+    first = Image.open(_image_file(root, by_id[ids[0]][0]["file_path"]))
     iw, ih = first.width, first.height
     scale = min(1.0, 256 / ih)
     cw, chh = max(int(iw * scale), 150), int(ih * scale)
@@ -1402,7 +1504,7 @@ def save_preview(root: Path, out_png: Path, identities: int = 6) -> Path:
         y += 14
         for j, e in enumerate(by_id[pid]):
             x = 6 + j * (cw + 6)
-            im = Image.open(root / e["file_path"]).convert("RGB")
+            im = Image.open(_image_file(root, e["file_path"])).convert("RGB")
             im = im.resize((int(im.width * scale), chh), Image.Resampling.BILINEAR)
             sheet.paste(im, (x + (cw - im.width) // 2, y))
             lines = textwrap.wrap(e["captions"][0], chars)[:12]
@@ -1411,3 +1513,58 @@ def save_preview(root: Path, out_png: Path, identities: int = 6) -> Path:
     out_png.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out_png)
     return out_png
+
+
+def load_truth(root: Path) -> dict[str, Any]:
+    """The ground-truth sidecar ``ROOT/synth_truth.json`` of a SynthPedes folder, checked against its annotations.
+
+    Format (version 1)::
+
+        {"format": "synthpedes-truth", "version": 1, "annotation_sha256": <sha256 hex of reid_raw.json's bytes>,
+         "families": [... TRUTH_FAMILIES], "coarse": [... COARSE_FAMILIES],
+         "entries": [{"file_path", "id", "split", "visible": {family: value or null, every family},
+                      "stated": [{family: value, only the families the caption states}, one per caption]}, ...]}
+
+    ``entries`` line up with the reid_raw.json entries (same order, file_path, id and number of captions);
+    ``visible`` is :func:`~tbps_compress.data.synth_text.flatten_visible`, ``stated`` is
+    :func:`~tbps_compress.data.synth_text.flatten_stated` (a caption's ``captions_bt`` paraphrase states the
+    same). Raises :class:`DataError` (one line) when the file is missing, not JSON, of another format or version,
+    or does not describe the current reid_raw.json.
+    """
+    root = Path(root)
+    path, ann = root / TRUTH_FILE, root / ANNOTATION_FILE
+    regen = "regenerate with `tbps-compress synth`"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; this dataset has no ground truth (only SynthPedes folders written by "
+                        f"`tbps-compress synth` have one)")
+    try:
+        truth = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 (byte {exc.start}); {regen}") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); {regen}") from exc
+    fmt = truth.get("format") if isinstance(truth, dict) else None
+    version = truth.get("version") if isinstance(truth, dict) else None
+    if fmt != TRUTH_FORMAT or version != TRUTH_VERSION:
+        raise DataError(f"{path}: format {fmt!r} version {version!r}, expected {TRUTH_FORMAT!r} version "
+                        f"{TRUTH_VERSION}; {regen}")
+    if truth.get("families") != list(TRUTH_FAMILIES) or not isinstance(truth.get("entries"), list):
+        raise DataError(f"{path}: 'families' or 'entries' is not what {TRUTH_FORMAT} version {TRUTH_VERSION} holds; "
+                        f"{regen}")
+    if not ann.is_file():
+        raise DataError(f"{ann}: not found; the ground truth in {path.name} describes it, so {regen}")
+    raw = ann.read_bytes()
+    if truth.get("annotation_sha256") != hashlib.sha256(raw).hexdigest():
+        raise DataError(f"{path}: does not match reid_raw.json (the annotations were changed or the sidecar belongs "
+                        f"to another dataset); {regen}")
+    entries = json.loads(raw.decode("utf-8"))  # the hash matched, so these are the bytes that were written
+    if len(entries) != len(truth["entries"]):
+        raise DataError(f"{path}: {len(truth['entries'])} entries but reid_raw.json has {len(entries)}; the "
+                        f"sidecar was edited; {regen}")
+    for i, (e, t) in enumerate(zip(entries, truth["entries"], strict=True)):
+        if not (isinstance(t, dict) and t.get("file_path") == e.get("file_path") and t.get("id") == e.get("id")
+                and isinstance(t.get("stated"), list) and len(t["stated"]) == len(e.get("captions", []))
+                and isinstance(t.get("visible"), dict)):
+            raise DataError(f"{path}: entry {i} does not line up with reid_raw.json entry {i} (file_path, id, "
+                            f"visible or one 'stated' per caption); the sidecar was edited; {regen}")
+    return truth

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .attention import PrunableAttention
-from .stem import ConvStem, stem_macs
 from .config import block_sizes, get_model_config, image_size_hw, validate_model_config
+from .stem import ConvStem, stem_macs
 
 log = logging.getLogger(__name__)
 
