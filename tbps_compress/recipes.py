@@ -120,6 +120,10 @@ class EvalCfg(Strict):
     every_epochs: int = Field(1, ge=1)
     val_split: str = "val"
     test_split: str = "test"
+    curve_every_steps: int | None = Field(None, ge=1, description="Also evaluate curve_split every this many "
+                                          "steps into curve.csv (a learning curve; never used to pick weights; "
+                                          "its time is not counted in time_budget_s).")
+    curve_split: str = Field("test", description="The split of the learning curve.")
 
 
 class TrainRecipe(Strict):

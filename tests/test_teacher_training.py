@@ -138,3 +138,15 @@ def test_vocab_prune_before_training_shrinks_the_table(make_train_recipe, tmp_pa
     assert int(batch["text"].max()) == rows - 1  # EOT is the last row: argmax pooling still finds it
     n_opt = sum(p.numel() for g in tr.optimizer.param_groups for p in g["params"])
     assert n_opt < sum(p.numel() for p in build_model("test-tiny").parameters()) - 49000 * 64
+
+
+def test_learning_curve_is_logged_and_kept(make_train_recipe, tmp_path: Path) -> None:
+    import csv
+
+    recipe = make_train_recipe(tmp_path / "out", optim={"max_steps": 4}, eval={"curve_every_steps": 2})
+    out = Trainer(recipe).run()
+    rows = list(csv.DictReader(open(out / "curve.csv", encoding="utf-8")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert {r["split"] for r in rows} == {"test"}
+    assert all(0 <= float(r["R1"]) <= 100 for r in rows)
+    assert float(rows[1]["train_seconds"]) >= float(rows[0]["train_seconds"]) > 0

@@ -50,6 +50,7 @@ from .evaluate import embed_split, retrieval_metrics
 log = logging.getLogger(__name__)
 
 CKPT_NAME = "last.ckpt"
+CURVE_NAME = "curve.csv"  # learning curve (eval.curve_every_steps), copied into the artifact
 DIGEST_SUFFIX = ".sha256"  # last.ckpt.sha256: the checkpoint's SHA-256 (current and previous)
 
 
@@ -332,9 +333,11 @@ class Trainer:
         log_path = work / "train_log.csv"
         if resume:
             state, best_state = self._load_checkpoint(work / CKPT_NAME)
-        elif log_path.exists():
-            log_path.unlink()
+        else:
+            for stale in (log_path, work / CURVE_NAME):
+                stale.unlink(missing_ok=True)
         self._trim_log(log_path, state.global_step)
+        self._trim_log(work / CURVE_NAME, state.global_step)
         logger = _CsvLog(log_path)
         tb = _tensorboard(work) if dist.is_main() else None
         old_handlers = self._install_signal_handlers()
@@ -367,6 +370,13 @@ class Trainer:
                                 tb.add_scalar(k, v, state.global_step)
                     self.progress.update(state.global_step, info)
                     state.elapsed_s = time.time() - t_start
+                    every = r.eval.curve_every_steps
+                    if every and (state.global_step % every == 0 or state.global_step == total):
+                        t_eval = time.time()
+                        self._curve_point(work, state)
+                        t_start += time.time() - t_eval  # the curve's evaluations are not training time
+                        t_last = time.time()
+                        model.train()
                     budget_hit = (r.optim.max_steps and state.global_step >= r.optim.max_steps) or (
                         r.optim.time_budget_s and state.elapsed_s >= r.optim.time_budget_s)
                     if budget_hit:
@@ -407,6 +417,27 @@ class Trainer:
             result = self._write_artifact(out, work, state, test, force)
         dist.barrier()
         return result
+
+    def _curve_point(self, work: Path, state: TrainState) -> None:
+        """One learning-curve row: metrics on ``eval.curve_split`` after ``state.global_step`` steps."""
+        split = self.recipe.eval.curve_split
+        if not dist.is_main():
+            return
+        if not hasattr(self, "_curve_records"):
+            self._curve_records = self.dataset.split(split)
+            self._curve_store = ImageStore([self.dataset.image_path(x) for x in self._curve_records],
+                                           image_size_hw(self.model.tbps_config), cache=True)
+        m = self._evaluate(self._curve_records, self._curve_store)
+        path = work / CURVE_NAME
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "epoch", "train_seconds", "split", "R1", "R5", "R10", "mAP", "mINP"])
+            w.writerow([state.global_step, round(state.epoch + state.step_in_epoch / self.per_epoch, 4),
+                        round(state.elapsed_s, 1), split, *(round(m.get(k, float("nan")), 2)
+                                                            for k in ("R1", "R5", "R10", "mAP", "mINP"))])
+        log.info("curve: step %d (%.0f s of training) %s %s", state.global_step, state.elapsed_s, split, _fmt(m))
 
     # ----------------------------------------------------------------------------------------------- step
     def _amp_dtype(self) -> torch.dtype | None:
@@ -715,6 +746,8 @@ class Trainer:
             write_json(tmp / METRICS, metrics)
             if (work / "train_log.csv").exists():
                 (tmp / "train_log.csv").write_bytes((work / "train_log.csv").read_bytes())
+            if (work / CURVE_NAME).exists():
+                (tmp / CURVE_NAME).write_bytes((work / CURVE_NAME).read_bytes())
         for f in work.glob("*"):
             if f.is_file():
                 f.unlink()
