@@ -337,6 +337,7 @@ def bench_ort_cuda(model: Any, row: dict[str, Any], args: argparse.Namespace, wo
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.add_argument("--models", default=DEFAULT_MODELS)
     p.add_argument("--device", default="cuda")
     p.add_argument("--batches", default="1,32,128")
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             "ceiling": "best of 5 torch.mm 8192x8192 in each precision (TF32 off for fp32 unless enabled)",
         },
     }
-    write_report(rows, meta, args.out)
+    write_report(rows, meta, args.out, force=args.force)
     print(markdown_table(rows, meta))
     print(f"gpu_bench: wrote {args.out} ({args.budget_s - budget.left():.0f} s)")
     return 0

@@ -64,6 +64,7 @@ def make_artifacts(work: Path, models: list[str], onnx: bool, int8: bool) -> tup
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="report folder")
+    p.add_argument("--force", action="store_true", help="replace an existing report folder")
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated model config names (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--runtimes", default="torch,onnxruntime", help="torch,onnxruntime")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_bench(onnx_arts, None, runtimes=["onnxruntime"], meta=meta, **common)
     meta.update(runtimes=runtimes, artifacts=models, note="random weights: latency only, no retrieval",
                 elapsed_s=round(time.perf_counter() - start, 1))
-    write_report(rows, meta, args.out)
+    write_report(rows, meta, args.out, force=args.force)
     print_table(rows, title=f"Shape latency on {args.device} (random weights)")
     print(markdown_table(rows, meta))
     return 0

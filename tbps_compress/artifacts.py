@@ -6,21 +6,18 @@ records the stage, the parent artifact (path and content hash), the package vers
 SHA-256 of every file, so a file changed after writing is detected on load.
 
 Folders are written into a hidden temporary sibling and renamed into place when complete: a crash never leaves a
-half artifact that looks whole. Existing folders are only replaced with ``force=True``.
+half artifact that looks whole. Existing folders are only replaced with ``force=True``; the folder gets the
+permissions the user's umask gives (not the temporary folder's 0700). The mechanism, shared with every other
+output, is :mod:`tbps_compress.io_utils`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import glob
 import hashlib
 import json
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import ArtifactError, UserError
+from .errors import ArtifactError
+from .io_utils import WRITE_ERRNOS, atomic_folder, check_output_folder
+
+__all__ = ["LINEAGE", "METRICS", "MODEL_CONFIG", "RECIPE", "WEIGHTS", "WRITE_ERRNOS", "Artifact", "check_output_dir",
+           "content_hash", "open_artifact", "read_lineage", "sha256_file", "verify_artifact", "write_artifact",
+           "write_json"]
 
 log = logging.getLogger(__name__)
 
@@ -75,59 +77,21 @@ def _hash_tree(root: Path) -> dict[str, str]:
 
 
 def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse to replace an existing non-empty folder unless ``force``."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"{out}: output already exists; choose another --out or pass --force to replace it")
-
-
-# Errors of the output location (disk full, quota, read-only, permissions): reported as one-line UserErrors.
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: alive, another user's
-        return True
-    return True
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` siblings left by a killed writer (its PID is gone)."""
-    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        rest = p.name[len(out.name) + 2:]
-        kind, _, tail = rest.partition("-")
-        pid = tail.split("-", 1)[0]
-        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            log.info("removing %s, left by an interrupted stage", p)
-            shutil.rmtree(p, ignore_errors=True)
+    """Refuse, before any work, an artifact folder that cannot or must not be written: an existing non-empty folder
+    unless ``force``, anything but a folder (even with ``force``), a location that is not a writable folder. See
+    :func:`tbps_compress.io_utils.check_output_folder`."""
+    check_output_folder(Path(out), force=force, flag="--out")
 
 
 @contextlib.contextmanager
 def write_artifact(
     out: Path, *, stage: str, parent: Path | None = None, force: bool = False, extra_lineage: dict | None = None
 ) -> Iterator[Path]:
-    """Context manager yielding a temporary folder to fill; on success it gets ``lineage.json`` and is renamed to
-    ``out`` (replacing an existing folder only with ``force``). On error the temporary folder is removed."""
+    """Context manager yielding a temporary folder to fill; on success it gets ``lineage.json`` and the modes the
+    umask gives, and is renamed to ``out`` (replacing an existing folder only with ``force``). On error the
+    temporary folder is removed and ``out`` is left as it was (:func:`tbps_compress.io_utils.atomic_folder`)."""
     out = Path(out)
-    check_output_dir(out, force)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{out.parent}: cannot create the output folder ({exc.strerror or exc}); "
-                        "choose another --out") from exc
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"{out.parent}: output folder is not writable; choose a writable --out")
-    _remove_stale_temporaries(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    except OSError as exc:
-        raise UserError(f"{out.parent}: cannot write the output folder ({exc.strerror or exc}); "
-                        "choose a writable --out") from exc
-    try:
+    with atomic_folder(out, force=force, flag="--out") as tmp:
         yield tmp
         files = _hash_tree(tmp)
         lineage: dict[str, Any] = {
@@ -149,20 +113,6 @@ def write_artifact(
         if extra_lineage:
             lineage.update(extra_lineage)
         (tmp / LINEAGE).write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
-            what = f"{exc.filename}: " if exc.filename else ""
-            raise UserError(f"{out}: not written ({what}{exc.strerror or exc}); nothing was changed; free space or "
-                            "choose a writable --out") from exc
-        raise
 
 
 def read_lineage(path: Path) -> dict[str, Any]:

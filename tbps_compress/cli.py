@@ -100,12 +100,14 @@ def synth(
     captions_per_image: Annotated[int | None, typer.Option(help="Captions per image (preset: 2).")] = None,
     size: Annotated[str, typer.Option(help="Image size HEIGHTxWIDTH.")] = "384x128",
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same bytes.")] = 0,
-    preview: Annotated[Path | None, typer.Option(help="Also save a contact sheet PNG here.")] = None,
+    preview: Annotated[Path | None, typer.Option(help="Also save a contact sheet image here (.png, .jpg, ...); "
+                                                      "an existing file is replaced only with --force.")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: up to 2).")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Generate SynthPedes, the embedded procedural dataset (CUHK-PEDES format, with a ground-truth sidecar)."""
     from .data.synthpedes import generate, preset_settings, save_preview
+    from .io_utils import IMAGE_SUFFIXES, atomic_file, check_output_file
 
     try:
         h, w = (int(x) for x in size.lower().split("x"))
@@ -114,9 +116,15 @@ def synth(
     settings = preset_settings(preset, identities, train_ids=train_ids, val_ids=val_ids, test_ids=test_ids,
                                images_per_id=images_per_id, eval_images_per_id=eval_images_per_id,
                                captions_per_image=captions_per_image)
+    # The sheet may go into the dataset folder itself, which generate() creates.
+    preview_opts = {"force": force, "flag": "--preview", "suffixes": IMAGE_SUFFIXES,
+                    "make_parents": preview is not None and preview.resolve().parent.is_relative_to(out.resolve())}
+    if preview is not None:  # checked before the dataset is generated
+        check_output_file(preview, example="preview.png", **preview_opts)
     summary = generate(out, size=(h, w), seed=seed, workers=workers, force=force, **settings)
     if preview is not None:
-        save_preview(out, preview)
+        with atomic_file(preview, **preview_opts) as tmp:
+            save_preview(out, tmp)
     _print_json(summary)
 
 
@@ -306,9 +314,12 @@ def run_cmd(
     set_: SetOpt = None,
     from_stage: Annotated[str | None, typer.Option("--from", help="Force this stage and those after it.")] = None,
     only: Annotated[str | None, typer.Option("--only", help="Run only this stage.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace stage folders this pipeline did not write "
+                                                        "(refused by default).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run a pipeline: data, teacher, students, ONNX, quantisation, benchmark; up-to-date stages are skipped."""
+    """Run a pipeline: data, teacher, students, ONNX, quantisation, benchmark; up-to-date stages are skipped.
+    Every stage's recipe and options are checked before the first stage runs."""
     _setup_logging(verbose)
     import time
 
@@ -316,7 +327,8 @@ def run_cmd(
 
     t0 = time.time()
     recipe = load_pipeline(pipeline, set_)
-    result = Pipeline(recipe, pipeline, progress_factory=RichProgress).run(from_stage=from_stage, only=only)
+    result = Pipeline(recipe, pipeline, progress_factory=RichProgress).run(from_stage=from_stage, only=only,
+                                                                           force=force)
     bench = [s for s in recipe.stages if s.kind == "bench"]
     if bench:
         table = Path(recipe.run_dir) / bench[-1].name / "bench.md"
@@ -330,27 +342,32 @@ def bench(
     artifacts: Annotated[list[Path], typer.Argument(help="Artifact folders (torch and/or ONNX).")],
     data: Annotated[Path | None, typer.Option("--data", help="Dataset root (retrieval metrics).")] = None,
     runtimes: Annotated[str, typer.Option(help="torch,onnxruntime")] = "torch,onnxruntime",
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N")] = "cpu",
     batch: Annotated[str, typer.Option("--batch", help="Gallery batch sizes, e.g. 1,32.")] = "1,32",
     split: Annotated[str, typer.Option(help="Dataset split.")] = "test",
     gallery_size: Annotated[int, typer.Option(help="Embeddings in the search-latency gallery.")] = 10000,
-    out: Annotated[Path | None, typer.Option("--out", help="Folder for CSV/JSON/Markdown/PNG.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for CSV/JSON/Markdown/PNG (checked before "
+                                                           "measuring; replaced only with --force).")] = None,
     warmup: Annotated[int, typer.Option(min=0)] = 3,
     reps: Annotated[int, typer.Option(min=1)] = 20,
     threads: Annotated[int | None, typer.Option(help="Intra-op threads (default: library default).")] = None,
     export_torch: Annotated[bool, typer.Option("--export-torch", help="Export torch artifacts for ORT.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="Also torch.compile (CUDA).")] = False,
     format: Annotated[str | None, typer.Option("--format", help="Dataset format.")] = None,
+    force: ForceOpt = False,
 ) -> None:
-    """Accuracy against latency for artifacts x runtimes x precisions: table, CSV/JSON and a Pareto plot."""
+    """Accuracy against latency for artifacts x runtimes x precisions: table, CSV/JSON and a Pareto plot. The options
+    and --out are checked before anything is measured."""
     _setup_logging()
     from .bench import run_bench
     from .bench.report import print_table
 
     rows = run_bench(artifacts, data, runtimes=runtimes, device=device, batches=batch, split=split,
                      gallery_size=gallery_size, warmup=warmup, reps=reps, threads=threads, out=out,
-                     export_torch=export_torch, compile=compile, format=format)
+                     export_torch=export_torch, compile=compile, format=format, force=force)
     print_table(rows)
+    if out is not None:
+        typer.echo(f"wrote {out}")
 
 
 @app.command("eval")
@@ -359,18 +376,27 @@ def eval_cmd(
     data: Annotated[Path, typer.Option("--data", help="Dataset root.")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     format: Annotated[str | None, typer.Option("--format", help="Dataset format (default: detect).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Write the metrics JSON here.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option("--out", help="Write the metrics JSON here (checked before the "
+                                                           "evaluation; replaced only with --force).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    force: ForceOpt = False,
 ) -> None:
     """Evaluate text-to-image retrieval (R@1/5/10, mAP, mINP) of an artifact on a dataset split."""
+    from .devices import check_device
+    from .io_utils import check_output_file, write_text_atomic
+
+    check_device(device)
+    if out is not None:
+        check_output_file(out, force=force, flag="--out")
     _setup_logging()
     from .evaluation import evaluate_artifact
 
     result = evaluate_artifact(artifact, data, split=split, format=format, device=device, batch_size=batch_size)
     _metrics_table({split: result}, f"{artifact} on {data}")
     if out is not None:
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n", force=force, flag="--out")
+        typer.echo(f"wrote {out}")
 
 
 @app.command("import")
@@ -404,7 +430,17 @@ def search(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="How many results to show.")] = 10,
     sheet: Annotated[Path | None, typer.Option("--sheet", help="Write a contact sheet PNG.")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
-    index: Annotated[Path | None, typer.Option("--index", help="Index folder (default DIR/.tbps_index/...).")] = None,
+    index: Annotated[str | None, typer.Option(
+        "--index", help="Index kind: flat (exact, default for a new index) | hnsw | ivfpq | ivfsq8 (approximate, "
+        "for large galleries); default: keep the saved index's kind.")] = None,
+    index_param: Annotated[list[str] | None, typer.Option(
+        "--index-param", help="Index parameter KEY=VALUE, repeatable: hnsw M, ef_construction, ef_search; ivfpq "
+        "nlist, m, nbits, nprobe; ivfsq8 nlist, nprobe.")] = None,
+    index_dir: Annotated[Path | None, typer.Option("--index-dir", help="Index folder (default "
+                                                   "DIR/.tbps_index/...).")] = None,
+    where: Annotated[list[str] | None, typer.Option(
+        "--where", help="Only images whose metadata match KEY=VALUE (camera, identity, path glob, size, mtime_ns); "
+        "repeatable, ANDed; camera=1,3 means either.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (torch artifacts).")] = "auto",
     data: Annotated[Path | None, typer.Option("--data", help="Dataset root: identities, --query-index.")] = None,
     query_index: Annotated[int | None, typer.Option("--query-index", help="Use caption K of --split.")] = None,
@@ -413,11 +449,15 @@ def search(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
 ) -> None:
     """Search a gallery of person crops with a sentence (index built once, updated incrementally)."""
+    from .retrieval.index import INDEX_KINDS
     from .retrieval.search import format_results, run_search
 
-    report = run_search(artifact, query, gallery=gallery, top_k=top_k, sheet=sheet, html_out=html, index=index,
+    if index is not None and index not in INDEX_KINDS:
+        raise UserError(f"--index {index}: unknown index kind; choose one of {', '.join(INDEX_KINDS)} (an index "
+                        "folder is now given with --index-dir)")
+    report = run_search(artifact, query, gallery=gallery, top_k=top_k, sheet=sheet, html_out=html, index=index_dir,
                         device=device, data=data, query_index=query_index, split=split, expect_id=expect_id,
-                        batch_size=batch_size)
+                        batch_size=batch_size, where=where or None, index_kind=index, index_params=index_param)
     typer.echo(format_results(report))
     if report.stats.unreadable:
         typer.echo(f"{report.stats.unreadable} unreadable image(s) skipped", err=True)

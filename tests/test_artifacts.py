@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from tbps_compress.artifacts import (
     METRICS,
     MODEL_CONFIG,
     WEIGHTS,
+    check_output_dir,
     content_hash,
     open_artifact,
     sha256_file,
@@ -153,3 +157,79 @@ def test_load_model_round_trip(tmp_path: Path, tiny_model: torch.nn.Module) -> N
     loaded = load_model(out).eval()
     for (k, v), (k2, v2) in zip(tiny_model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
+
+
+# ------------------------------------------------------------------------------------------------ the shared writer
+@pytest.fixture
+def umask_022():
+    """Run with umask 022 (restored after): what most systems give their users."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+def test_artifact_folder_gets_the_umask_modes_not_the_temporary_ones(tmp_path: Path, tiny_model: torch.nn.Module,
+                                                                     umask_022) -> None:
+    """``tempfile`` makes 0700 folders and 0600 files; the renamed artifact has what the umask gives (022: 0755 for
+    folders, 0644 for files), nested ones and lineage.json included."""
+    out = _write(tmp_path / "a0", tiny_model)
+    modes = _modes(out)
+    assert modes.pop(".") == 0o755 and modes.pop("sub") == 0o755
+    assert set(modes) == {MODEL_CONFIG, WEIGHTS, METRICS, LINEAGE, "sub/note.txt"}
+    assert set(modes.values()) == {0o644}, modes
+    os.umask(0o077)  # a stricter umask is followed as well
+    strict = _modes(_write(tmp_path / "a1", tiny_model))
+    assert strict.pop(".") == 0o700 and strict.pop("sub") == 0o700 and set(strict.values()) == {0o600}
+
+
+def test_a_file_in_the_way_is_never_replaced_even_with_force(tmp_path: Path) -> None:
+    out = tmp_path / "a0"
+    out.write_text("my notes\n")
+    with pytest.raises(UserError) as info:
+        with write_artifact(out, stage="train", force=True):
+            pytest.fail("the body must not run")
+    assert str(info.value) == (f"{out}: exists and is not a folder; choose another --out (it is not replaced, even "
+                               "with --force)")
+    assert out.read_text() == "my notes\n" and _leftovers(tmp_path, "a0") == []
+
+
+def test_location_checked_before_the_body_and_made_folders_removed_on_failure(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError) as info:
+        check_output_dir(tmp_path / "afile" / "a0", force=False)
+    assert str(info.value) == (f"{tmp_path / 'afile' / 'a0'}: cannot be created: {tmp_path / 'afile'} is not a "
+                               "folder; choose another --out")
+    out = tmp_path / "new" / "deeper" / "a0"
+    with pytest.raises(RuntimeError, match="boom"):
+        with write_artifact(out, stage="train") as tmp:
+            assert tmp.parent == out.parent and tmp.name.startswith(".a0.tmp-")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"], "the folders made for it are removed"
+
+
+def test_full_disk_at_the_rename_keeps_the_previous_artifact(tmp_path: Path, tiny_model: torch.nn.Module,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _write(tmp_path / "a0", tiny_model)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    real_replace = os.replace
+
+    def replace(src, dst):  # noqa: ANN001, ANN202 - the rename of the complete temporary onto a0 fails
+        if Path(dst) == out and Path(src).name.startswith(".a0.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError) as info:
+        _write(out, tiny_model, force=True)
+    monkeypatch.undo()
+    assert str(info.value) == (f"{out}: not written (No space left on device); the previous folder is unchanged; "
+                               "free space or choose a writable --out")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    open_artifact(out)
+    assert _leftovers(tmp_path, "a0") == []

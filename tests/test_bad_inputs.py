@@ -321,6 +321,111 @@ def good_checkpoint_and(other: Callable[[Ctx], None]) -> Callable[[Ctx], None]:
     return setup
 
 
+# ------------------------------------------------------------------------------------------------ pipelines
+def write_pipeline(ctx: Ctx, *stages: dict[str, Any], second: dict[str, Any] | None = None) -> None:
+    """``{w}/p.yaml``: run_dir ``{w}/run``, no dataset (every check runs before the data is looked at), a valid
+    first train stage (``{w}/r.yaml``), a second train stage on ``{w}/r2.yaml`` (the valid recipe with ``second``
+    merged) and ``stages``."""
+    write_recipe(ctx)
+    data = ctx.recipe(ctx.w / "run")
+    data.update(ctx.fmt_tree(second or {}))
+    (ctx.w / "r2.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    pipe = {"run_dir": str(ctx.w / "run"), "data": str(ctx.w / "nodata"), "synth": None,
+            "stages": [{"name": "teacher", "kind": "train", "recipe": str(ctx.w / "r.yaml")},
+                       {"name": "second", "kind": "train", "recipe": str(ctx.w / "r2.yaml")},
+                       *[ctx.fmt_tree(st) for st in stages]]}
+    (ctx.w / "p.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False), encoding="utf-8")
+
+
+def pipeline_with(*stages: dict[str, Any], second: dict[str, Any] | None = None,
+                  edit: Callable[[dict[str, Any], Ctx], Any] | None = None) -> Callable[[Ctx], None]:
+    def setup(ctx: Ctx) -> None:
+        write_pipeline(ctx, *stages, second=second)
+        if edit is not None:
+            pipe = yaml.safe_load((ctx.w / "p.yaml").read_text())
+            edit(pipe, ctx)
+            (ctx.w / "p.yaml").write_text(yaml.safe_dump(pipe, sort_keys=False), encoding="utf-8")
+
+    return setup
+
+
+def _second_stage(**fields: Any) -> Callable[[dict[str, Any], Ctx], None]:
+    def edit(pipe: dict[str, Any], ctx: Ctx) -> None:
+        pipe["stages"][1].update(ctx.fmt_tree(fields))
+
+    return edit
+
+
+def pipeline_foreign_stage_folder(ctx: Ctx) -> None:
+    write_pipeline(ctx)
+    (ctx.w / "run" / "second").mkdir(parents=True)
+    (ctx.w / "run" / "second" / "notes.txt").write_text("my own results\n")
+
+
+_EXPORT = {"name": "onnx", "kind": "export", "source": "teacher"}
+_QUANT = {"name": "int8", "kind": "quantize", "source": "onnx"}
+
+
+def pruned_vocabulary_without_unk(ctx: Ctx) -> None:
+    """A torch artifact whose vocab_map.json has no unknown-token id (the exported graph needs one)."""
+    from tbps_compress.artifacts import write_artifact
+    from tbps_compress.models.factory import build_model
+    from tbps_compress.models.io import save_model
+
+    torch.manual_seed(0)
+    with write_artifact(ctx.w / "art", stage="train") as tmp:
+        save_model(build_model("test-tiny"), tmp)
+        (tmp / "vocab_map.json").write_text(json.dumps({"0": 0, "320": 1, "49406": 2, "49407": 3}))
+
+
+
+# ------------------------------------------------------------------------------------------------ outputs, images
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` pixels (CRC fixed): Pillow refuses it at open time as a
+    decompression bomb when it claims more than twice ``Image.MAX_IMAGE_PIXELS``."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    raw = bytearray(buf.getvalue())
+    assert raw[12:16] == b"IHDR"
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])) & 0xFFFFFFFF)
+    return bytes(raw)
+
+
+def _bomb_test_image(ctx: Ctx) -> None:
+    """The tiny dataset with its first test image replaced by a PNG claiming 20,000 x 20,000 pixels."""
+    ds, entries = copy_dataset(ctx)
+    rel = next(e["file_path"] for e in entries if e["split"] == "test")
+    (ds / "imgs" / rel).write_bytes(_png_claiming(20_000, 20_000))
+
+
+def _bomb_test_image_and_onnx(ctx: Ctx) -> None:
+    _bomb_test_image(ctx)
+    write_onnx_artifact(ctx.w / "onnx")
+
+
+def a_folder(name: str) -> Callable[[Ctx], None]:
+    def setup(ctx: Ctx) -> None:
+        (ctx.w / name).mkdir()
+        (ctx.w / name / "mine.txt").write_text("a file of the user's\n")
+
+    return setup
+
+
+def onnx_artifact_and(other: Callable[[Ctx], None]) -> Callable[[Ctx], None]:
+    def setup(ctx: Ctx) -> None:
+        write_onnx_artifact(ctx.w / "onnx")
+        other(ctx)
+
+    return setup
+
+
 # ------------------------------------------------------------------------------------------------ the catalogue
 R = "{w}/r.yaml"
 DS = "{w}/ds"
@@ -454,6 +559,86 @@ CASES: list[tuple[str, Callable[[Ctx], None], list[str], list[str]]] = [
     ("cli-import-out-under-proc", good_checkpoint,
      ["import", "{w}/ck.pt", "--config", "test-tiny", "--out", "/proc/tbps-compress-test/out"],
      ["/proc/tbps-compress-test"]),
+    # -- pipelines (`run` checks every stage before the first runs, and writes nothing when a check fails)
+    ("pipeline-later-recipe-missing", pipeline_with(edit=_second_stage(recipe="{w}/nope.yaml")),
+     ["run", "{w}/p.yaml"], ["{w}/p.yaml: stage 'second' (train): recipe file {w}/nope.yaml not found"]),
+    ("pipeline-later-recipe-unknown-key", pipeline_with(second={"optimizer": {"epochs": 1}}),
+     ["run", "{w}/p.yaml"], ["{w}/p.yaml: stage 'second' (train): recipe {w}/r2.yaml", "unknown key 'optimizer'"]),
+    ("pipeline-misspelled-bench-option",
+     pipeline_with(_EXPORT, {"name": "bench", "kind": "bench", "artifacts": ["onnx"], "options": {"rep": 2}}),
+     ["run", "{w}/p.yaml"], ["{w}/p.yaml: stage 'bench' (bench): unknown option 'rep'", "did you mean 'reps'",
+                             "valid options:", "warmup"]),
+    ("pipeline-misspelled-quantize-option", pipeline_with(_EXPORT, {**_QUANT, "options": {"mdoe": "dynamic"}}),
+     ["run", "{w}/p.yaml"], ["{w}/p.yaml: stage 'int8' (quantize): unknown option 'mdoe'", "did you mean 'mode'",
+                             "valid options: backend, calib_data, calib_method, calib_size, mode, op_types, towers"]),
+    ("pipeline-bad-set-value", pipeline_with(edit=_second_stage(set=["optim.epochs=abc"])), ["run", "{w}/p.yaml"],
+     ["{w}/p.yaml: stage 'second' (train): recipe {w}/r2.yaml with the stage's set: overrides",
+      "optim.epochs", "abc"]),
+    ("pipeline-stage-name-escapes", pipeline_with(edit=_second_stage(name="../escaped")), ["run", "{w}/p.yaml"],
+     ["{w}/p.yaml", "stages.1.name", "stage name '../escaped' must be one plain folder name"]),
+    ("pipeline-foreign-stage-folder", pipeline_foreign_stage_folder, ["run", "{w}/p.yaml"],
+     ["{w}/run/second: exists but was not written by this pipeline", "stage 'second' would replace it", "--force"]),
+    # -- export of a vocabulary-pruned model (the id remap goes into the graph: it needs an unknown-token row)
+    ("export-pruned-vocabulary-without-unk", pruned_vocabulary_without_unk,
+     ["export", "--onnx", "{w}/art", "--out", "{w}/out"], ["{w}/art/vocab_map.json", "no unknown-token id"]),
+    # -- outputs: checked before any work; an existing target is replaced only with --force, and a folder where a
+    # file is wanted (or a file where a folder is) never, not even with --force; images that do not decode
+    ("cli-eval-out-exists", a_file("m.json"), ["eval", "{teacher}", "--data", "{data}", "--out", "{w}/m.json"],
+     ["{w}/m.json: file already exists; choose another --out or pass --force to replace it"]),
+    ("cli-eval-out-missing-folder", nothing, ["eval", "{teacher}", "--data", "{data}", "--out", "{w}/no/m.json"],
+     ["{w}/no/m.json: folder {w}/no does not exist; create it or choose another --out"]),
+    ("cli-eval-out-is-a-folder-even-with-force", nothing,
+     ["eval", "{teacher}", "--data", "{data}", "--out", "{w}/keep", "--force"],
+     ["{w}/keep: is a folder, not a file; give --out a file path such as {w}/keep/metrics.json"]),
+    ("cli-eval-out-under-a-file", a_file("afile"), ["eval", "{teacher}", "--data", "{data}", "--out", "{w}/afile/m"],
+     ["{w}/afile/m: cannot be created: {w}/afile is not a folder; choose another --out"]),
+    ("cli-eval-unknown-device", nothing, ["eval", "{teacher}", "--data", "{data}", "--device", "tpu"],
+     ["--device 'tpu': not a device; choose auto, cpu, cuda or cuda:N (N: a GPU index, e.g. cuda:0)"]),
+    ("cli-eval-device-bad-index", nothing, ["eval", "{teacher}", "--data", "{data}", "--device", "cuda:one"],
+     ["--device 'cuda:one': not a device; choose auto, cpu, cuda or cuda:N"]),
+    ("cli-bench-out-exists", nothing, ["bench", "{teacher}", "--out", "{w}/keep"],
+     ["{w}/keep: output already exists; choose another --out or pass --force to replace it"]),
+    ("cli-bench-out-force-keeps-other-files", nothing, ["bench", "{teacher}", "--out", "{w}/keep", "--force"],
+     ["{w}/keep: holds files it was not written with (e.g. result.txt); --force replaces only a folder holding "
+      "bench.csv, bench.json, bench.md, pareto.png; move them away or choose another --out"]),
+    ("cli-bench-out-is-a-file-even-with-force", a_file("afile"),
+     ["bench", "{teacher}", "--out", "{w}/afile", "--force"],
+     ["{w}/afile: exists and is not a folder; choose another --out (it is not replaced, even with --force)"]),
+    ("cli-bench-out-under-a-file", a_file("afile"), ["bench", "{teacher}", "--out", "{w}/afile/report"],
+     ["{w}/afile/report: cannot be created: {w}/afile is not a folder; choose another --out"]),
+    ("cli-bench-unknown-device", nothing, ["bench", "{teacher}", "--device", "auto"],
+     ["--device 'auto': not a device; choose cpu, cuda or cuda:N"]),
+    ("cli-synth-preview-exists", a_file("sheet.png"), ["synth", "{w}/s", "--identities", "5", "--preview",
+                                                       "{w}/sheet.png"],
+     ["{w}/sheet.png: file already exists; choose another --preview or pass --force to replace it"]),
+    ("cli-synth-preview-no-extension", nothing, ["synth", "{w}/s", "--identities", "5", "--preview", "{w}/sheet"],
+     ["{w}/sheet: --preview needs an image file name ending in .png, .jpg, .jpeg, .bmp, .tif, .tiff (extension: "
+      "none); use e.g. {w}/sheet.png"]),
+    ("cli-synth-preview-not-an-image-name", nothing,
+     ["synth", "{w}/s", "--identities", "5", "--preview", "{w}/sheet.json"],
+     ["{w}/sheet.json: --preview needs an image file name ending in .png", "(extension: '.json'); use e.g. "
+      "{w}/sheet.png"]),
+    ("cli-synth-preview-is-a-folder", a_folder("sheet.png"), ["synth", "{w}/s", "--identities", "5", "--preview",
+                                                              "{w}/sheet.png", "--force"],
+     ["{w}/sheet.png: is a folder, not a file; give --preview a file path such as {w}/sheet.png/preview.png"]),
+    ("cli-synth-preview-missing-folder", nothing,
+     ["synth", "{w}/s", "--identities", "5", "--preview", "{w}/no/sheet.png"],
+     ["{w}/no/sheet.png: folder {w}/no does not exist; create it or choose another --preview"]),
+    ("cli-quantize-out-exists", lambda ctx: write_onnx_artifact(ctx.w / "onnx"),
+     ["quantize", "{w}/onnx", "--out", "{w}/keep"],
+     ["{w}/keep: output already exists; choose another --out or pass --force to replace it"]),
+    ("cli-quantize-out-is-a-file-even-with-force", onnx_artifact_and(a_file("afile")),
+     ["quantize", "{w}/onnx", "--out", "{w}/afile", "--force"],
+     ["{w}/afile: exists and is not a folder; choose another --out (it is not replaced, even with --force)"]),
+    ("cli-import-out-is-a-file-even-with-force", good_checkpoint_and(a_file("afile")),
+     ["import", "{w}/ck.pt", "--config", "test-tiny", "--out", "{w}/afile", "--force"],
+     ["{w}/afile: exists and is not a folder; choose another --out (it is not replaced, even with --force)"]),
+    ("data-decompression-bomb", _bomb_test_image, ["eval", "{teacher}", "--data", DS, "--device", "cpu"],
+     ["{w}/ds/imgs/test/", ": cannot read image: refused as a possible decompression bomb (", "pixels",
+      "); shrink or remove the file"]),
+    ("data-decompression-bomb-onnx", _bomb_test_image_and_onnx, ["eval", "{w}/onnx", "--data", DS],
+     ["{w}/ds/imgs/test/", ": cannot read image: refused as a possible decompression bomb (", "pixels",
+      "); shrink or remove the file"]),
 ]
 # Rows also run through the installed console script (a fresh process).
 SUBPROCESS = {"cli-unknown-option", "data-id-not-integer", "ckpt-pickle-payload"}
@@ -507,6 +692,7 @@ def test_the_fake_onnx_artifact_itself_works(ctx: Ctx, run_cli) -> None:
     write_onnx_artifact(ctx.w / "onnx")
     code, out, err = run_cli(["eval", ctx.w / "onnx", "--data", ctx.data, "--device", "cpu"])
     assert code == 0, err
+    assert "mAP" in out and "test" in out and "error" not in err
 
 
 def test_huge_caption_is_truncated_not_fatal(ctx: Ctx, run_cli) -> None:
@@ -519,8 +705,12 @@ def test_huge_caption_is_truncated_not_fatal(ctx: Ctx, run_cli) -> None:
     dataset_edit(edit)(ctx)
     code, out, err = run_cli(["data", "stats", ctx.w / "ds"])
     assert code == 0, err
+    entries = json.loads((ctx.w / "ds" / "reid_raw.json").read_text())
+    test = [e for e in entries if e["split"] == "test"]
+    assert json.loads(out)["splits"]["test"]["captions"] == sum(len(e["captions"]) for e in test)
     code, out, err = run_cli(["eval", ctx.teacher, "--data", ctx.w / "ds", "--device", "cpu"])
     assert code == 0, err
+    assert "mAP" in out and "test" in out and "error" not in err
 
 
 def test_pickle_payload_class_really_runs_when_unpickled(tmp_path: Path) -> None:

@@ -232,6 +232,87 @@ def test_report_on_fake_rows(tmp_path: Path) -> None:
     assert pareto_plot(no_acc, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
+def _fake_rows() -> list[dict]:
+    return [_fake_row("teacher [pt/fp32]", 60, 20, 100), _fake_row("student [pt/fp32]", 54, 8, 300)]
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_report_folder_is_refused_replaced_with_force_and_gets_the_umask_modes(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    out = tmp_path / "report"
+    old = os.umask(0o022)
+    try:
+        write_report(_fake_rows(), {"device": "cpu"}, out)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in out.iterdir()) == ["bench.csv", "bench.json", "bench.md", "pareto.png"]
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755, "not the temporary folder's 0700"
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+    before = _tree(out)
+    with pytest.raises(UserError) as info:
+        write_report(_fake_rows()[:1], {"device": "cpu"}, out)
+    assert str(info.value) == f"{out}: output already exists; choose another --out or pass --force to replace it"
+    assert _tree(out) == before
+    write_report(_fake_rows()[:1], {"device": "cpu"}, out, force=True)
+    assert len(json.loads((out / "bench.json").read_text())["rows"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"], "no temporary or replaced folder left"
+
+
+def test_full_disk_while_writing_the_report_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plot is written last: a full disk there leaves the previous report whole, and no partial new one."""
+    import errno
+
+    from tbps_compress.bench import report
+
+    out = tmp_path / "report"
+    write_report(_fake_rows(), {"device": "cpu"}, out)
+    before = _tree(out)
+
+    def full(rows: list[dict], path: Path, title: str | None = None) -> None:
+        Path(path).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "pareto_plot", full)
+    for target, force, kept in ((out, True, "the previous folder is unchanged"),
+                                (tmp_path / "new", False, "no partial folder was left")):
+        with pytest.raises(UserError) as info:
+            write_report(_fake_rows()[:1], {"device": "cpu"}, target, force=force)
+        assert str(info.value) == (f"{target}: not written ({target / 'pareto.png'}: No space left on device); "
+                                   f"{kept}; free space or choose a writable --out")
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"], "no temporary or partial folder left"
+
+
+def test_out_is_checked_before_anything_is_opened_or_measured(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    with pytest.raises(UserError) as info:  # the artifact does not exist either: --out is looked at first
+        run_bench([tmp_path / "no-artifact"], out=out)
+    assert str(info.value) == f"{out}: output already exists; choose another --out or pass --force to replace it"
+    with pytest.raises(UserError) as info:  # --force replaces an earlier report, never the user's other files
+        run_bench([tmp_path / "no-artifact"], out=out, force=True)
+    assert str(info.value) == (f"{out}: holds files it was not written with (e.g. notes.txt); --force replaces only "
+                               "a folder holding bench.csv, bench.json, bench.md, pareto.png; move them away or "
+                               "choose another --out")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError) as info:
+        run_bench([tmp_path / "no-artifact"], out=tmp_path / "afile", force=True)
+    assert str(info.value) == (f"{tmp_path / 'afile'}: exists and is not a folder; choose another --out (it is not "
+                               "replaced, even with --force)")
+    with pytest.raises(UserError) as info:
+        run_bench([tmp_path / "no-artifact"], device="cuda:x")
+    assert str(info.value) == ("--device 'cuda:x': not a device; choose cpu, cuda or cuda:N (N: a GPU index, e.g. "
+                               "cuda:0)")
+    assert (out / "notes.txt").read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "afile", "report"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # timing helpers
 # ---------------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ t0 = time.perf_counter()
 from tbps_compress.cli import main
 for args in (["--help"], ["train", "--help"], ["eval", "--help"], ["data", "stats", "--help"]):
     print("=== RC", main(args))
+import tbps_compress.devices, tbps_compress.io_utils  # the checks run before anything heavy is loaded
 print("=== HEAVY", sorted(m for m in ("torch", "open_clip", "torchvision", "onnxruntime") if m in sys.modules))
 print("=== SECONDS", time.perf_counter() - t0)
 """
@@ -192,3 +193,44 @@ def test_train_command_end_to_end(run_cli, train_recipe_data, tmp_path: Path) ->
     assert not (tmp_path / "run.ckpt").exists(), "the checkpoint folder is removed once the artifact is written"
     code, out, err = run_cli(["train", recipe])
     _assert_user_error(code, out, err, str(out_dir), "--force")
+
+
+def test_eval_out_is_checked_before_the_evaluation_and_replaced_only_with_force(
+        run_cli, tiny_teacher_artifact: Path, tiny_dataset: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tbps_compress import evaluation
+
+    target = tmp_path / "metrics.json"
+    target.write_text("earlier metrics\n")
+    calls = []
+    real = evaluation.evaluate_artifact
+    monkeypatch.setattr(evaluation, "evaluate_artifact", lambda *a, **k: calls.append(1) or real(*a, **k))
+    argv = ["eval", tiny_teacher_artifact, "--data", tiny_dataset, "--device", "cpu", "--out", target]
+    code, out, err = run_cli(argv)
+    _assert_user_error(code, out, err, f"{target}: file already exists; choose another --out or pass --force")
+    assert calls == [] and target.read_text() == "earlier metrics\n", "refused before evaluating, file kept"
+    old = os.umask(0o022)
+    try:
+        code, out, err = run_cli([*argv, "--force"])
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert calls == [1] and f"wrote {target}" in out
+    assert set(json.loads(target.read_text())) >= {"R1", "R5", "R10", "mAP", "mINP"}
+    assert target.stat().st_mode & 0o777 == 0o644, "the umask's mode, not the temporary file's 0600"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"], "no temporary left"
+
+
+def test_synth_preview_into_the_dataset_folder_it_creates(run_cli, tmp_path: Path) -> None:
+    """--preview is checked before generating, yet may name a file inside the (not yet existing) dataset folder."""
+    from PIL import Image
+
+    ds = tmp_path / "ds"
+    argv = ["synth", ds, "--identities", "5", "--images-per-id", "1", "--captions-per-image", "1", "--size", "64x32",
+            "--workers", "1", "--preview", ds / "sheets" / "preview.png"]
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    assert json.loads(out)["identities"] == 5
+    with Image.open(ds / "sheets" / "preview.png") as im:
+        assert im.format == "PNG" and im.width > 0
+    assert [p.name for p in (ds / "sheets").iterdir()] == ["preview.png"], "no temporary left"

@@ -94,12 +94,28 @@ def test_export_writes_runtime_files_with_parity(exported: Path) -> None:
                 "image:dataset-b4", "text:dataset-b4"):
         assert diffs[key] < 1e-4, (key, diffs[key])
     assert report["opset"] == 18 and report["external_data"] is False
-    assert json.loads((exported / "preprocess.json").read_text()) == {
-        "image_size": [64, 32], "mean": [0.48145466, 0.4578275, 0.40821073],
-        "std": [0.26862954, 0.26130258, 0.27577711], "resize": "bicubic"}
-    assert json.loads((exported / "tokenizer.json").read_text()) == {
-        "context_length": 32, "vocab_file": "bpe_simple_vocab_16e6.txt.gz"}
-    assert (exported / "bpe_simple_vocab_16e6.txt.gz").stat().st_size > 1_000_000
+    check = report["tokenizer_check"]  # tokenizer.json vs the runtime tokenizer, on probes + the dataset's captions
+    assert check["checked"] > len(onnx_export.TOKENIZER_PROBES) and check["dataset_differ"] == 0
+    assert report["vocab_lookup_in_graph"] is False
+    doc = json.loads((exported / "preprocess.json").read_text())
+    assert doc["format"] == 2
+    assert doc["image"] == {
+        "input": "image", "image_size_hw": [64, 32], "resize": "bicubic", "channel_order": "RGB", "layout": "NCHW",
+        "dtype": "float32", "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+        "resize_rule": doc["image"]["resize_rule"], "scale": doc["image"]["scale"]}
+    assert "image.resize((32, 64), Image.BICUBIC)" in doc["image"]["resize_rule"]
+    text = doc["text"]
+    assert text["context_length"] == 32 and text["tokenizer"] == "tokenizer.json" and text["dtype"] == "int64"
+    assert (text["sot_id"], text["eot_id"], text["pad_id"]) == (49406, 49407, 0)
+    assert text["caption_cleaning"]["replace_with_space"] == [".", "!", '"', "(", ")", "*", "#", ":", ";", "~"]
+    assert '. ! " ( ) * # : ; ~' in text["caption_cleaning"]["rule"]
+    assert doc["output"] == {"name": "embedding", "dtype": "float32", "shape": ["batch", 32], "l2_normalized": True,
+                             "similarity": doc["output"]["similarity"]}
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer.from_file(str(exported / "tokenizer.json"))  # a real Hugging Face tokenizers file
+    assert hf.encode("A man (in RED)!").ids[:6] == [49406, 320, 786, 530, 736, 49407]
+    assert len(hf.encode("word " * 100).ids) == 32
+    assert not (exported / "bpe_simple_vocab_16e6.txt.gz").exists() and not (exported / "vocab_map.json").exists()
     assert json.loads((exported / "source_metrics.json").read_text()) == {"R1": 12.5}
     assert (exported / "model_config.json").is_file()
     import onnx
@@ -243,20 +259,43 @@ def test_pruned_model_with_vocab_map_and_external_data(tmp_path: Path, exported:
     assert report["max_diff"] < 1e-4 and "text:dataset-b4" in report["parity"]["float32"]
     assert (out / "image_encoder.onnx.data").is_file() and (out / "text_encoder.onnx.data").is_file()
     assert report["files"]["text_encoder.onnx"] > (out / "text_encoder.onnx").stat().st_size
-    tok = json.loads((out / "tokenizer.json").read_text())
-    assert tok == {"context_length": 32, "vocab_file": "bpe_simple_vocab_16e6.txt.gz",
-                   "vocab_map_file": "vocab_map.json", "unk_id": 1}
-    assert json.loads((out / "vocab_map.json").read_text())["49407"] == 999
+    assert "text:kept-b3" in report["parity"]["float32"] and report["vocab_lookup_in_graph"] is True
+    assert not (out / "vocab_map.json").exists()  # the remap lives in the graph
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     open_artifact(out)
 
+    from tbps_compress.models.tokenizer import model_tokenizer
     from tbps_compress.runtime import OnnxEncoder
 
     enc = OnnxEncoder(out)
-    captions = ["a person in a red shirt", "zebra-striped xylophone"]
+    captions = ["a person in a red shirt", "zebra-striped xylophone"]  # the second: ids outside the kept 1..997
     tokens = enc.tokenizer(captions)
-    assert tokens.max() == 999
+    assert tokens.max() == 49407 and enc.tokenizer.vocab_map is None  # standard ids: no remap in the runtime
     model = load_model(src).eval()
-    assert np.abs(enc.encode_texts(captions) - _torch_embed(model, "text", tokens)).max() < 1e-4
+    rows = model_tokenizer(model)(captions).numpy()  # PyTorch's own (remapping) tokenizer
+    assert rows.max() == 999 and 1 in rows[1].tolist()  # EOT's row, and the unknown-token row for the zebra
+    assert np.abs(enc.encode_texts(captions) - _torch_embed(model, "text", rows)).max() < 1e-4
     images = random_images(5, (64, 32), seed=9)
     got = enc.image_session.run(["embedding"], {"image": images})[0]
     assert np.abs(got - _torch_embed(model, "image", images)).max() < 1e-4
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(out / "text_encoder.onnx")).graph
+    tables = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    lookups = [tables[n.input[0]] for n in graph.node if n.op_type == "Gather" and n.input[1] == "text"]
+    assert len(lookups) == 1 and lookups[0].shape == (49408, 1)  # the lookup table: a Gather on the input
+    lut = lookups[0][:, 0]
+    assert lut[49407] == 999 and lut[49406] == 998 and lut[5] == 5 and lut[2000] == 1 and lut[0] == 0
+
+
+def test_pruned_vocabulary_without_unk_refused(tmp_path: Path) -> None:
+    cfg = get_model_config("test-tiny")
+    cfg["text_cfg"]["vocab_size"] = 1000
+    vocab_map = {str(i): i for i in range(0, 998)}
+    vocab_map.update({"49406": 998, "49407": 999})
+    src = make_torch_artifact(tmp_path / "pruned", cfg, seed=3, extra={"vocab_map.json": vocab_map})
+    with pytest.raises(ArtifactError, match=r"vocab_map.json: no unknown-token id .*add it or re-run") as info:
+        export_onnx(src, tmp_path / "onnx")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "onnx").exists()

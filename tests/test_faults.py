@@ -389,3 +389,74 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path: Path) -> Non
         (tmp / "x.txt").write_text("x")
     assert not stale.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art", live.name])
+
+
+# ------------------------------------------------------------------------------------------------ full disk: results
+def _error_line(code: int, err: str) -> str:
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _full_disk_for(prefix: str, real: Any) -> Any:
+    """A stand-in for a write method that, for files whose name starts with ``prefix``, writes half and then
+    fails the way a full disk does."""
+
+    def write(self: Path, data: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.name.startswith(prefix):
+            real(self, data[: len(data) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, data, *args, **kwargs)
+
+    return write
+
+
+def test_full_disk_while_writing_eval_out_keeps_the_previous_file(monkeypatch, tiny_teacher_artifact: Path,
+                                                                  tiny_dataset: Path, tmp_path: Path,
+                                                                  run_cli) -> None:
+    out = tmp_path / "m.json"
+    out.write_text('{"R1": 1.0}\n')
+    monkeypatch.setattr(Path, "write_text", _full_disk_for(".m.json.tmp-", Path.write_text))
+    code, _, err = run_cli(["eval", tiny_teacher_artifact, "--data", tiny_dataset, "--device", "cpu", "--out", out,
+                            "--force"])
+    line = _error_line(code, err)
+    assert line == (f"error: {out}: not written (No space left on device); the previous file is unchanged; free "
+                    "space or choose a writable --out")
+    assert out.read_text() == '{"R1": 1.0}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_full_disk_while_writing_bench_out_leaves_no_partial_folder(monkeypatch, tiny_teacher_artifact: Path,
+                                                                    tmp_path: Path, run_cli) -> None:
+    """The report's files are written into a hidden temporary folder: a full disk on the last of them (bench.md)
+    leaves no folder named --out, and no temporary."""
+    out = tmp_path / "results" / "bench"
+    monkeypatch.setattr(Path, "write_text", _full_disk_for("bench.md", Path.write_text))
+    code, _, err = run_cli(["bench", tiny_teacher_artifact, "--runtimes", "torch", "--batch", "1", "--warmup", "0",
+                            "--reps", "1", "--gallery-size", "10", "--threads", "1", "--out", out])
+    line = _error_line(code, err)
+    assert line == (f"error: {out}: not written ({out / 'bench.md'}: No space left on device); no partial folder was "
+                    "left; free space or choose a writable --out")
+    assert list(tmp_path.iterdir()) == [], "neither the report folder nor the folder made for it is left"
+
+
+def test_full_disk_while_writing_the_synth_preview(monkeypatch, tmp_path: Path, run_cli) -> None:
+    from PIL import Image
+
+    real = Image.Image.save
+
+    def full(self: Image.Image, fp: Any, *args: Any, **kwargs: Any) -> None:
+        if not Path(fp).name.startswith(".sheet.png.tmp-"):  # the dataset's own images
+            return real(self, fp, *args, **kwargs)
+        Path(fp).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    sheet = tmp_path / "sheet.png"
+    code, _, err = run_cli(["synth", tmp_path / "ds", "--identities", "5", "--images-per-id", "1",
+                            "--captions-per-image", "1", "--size", "64x32", "--workers", "1", "--preview", sheet])
+    monkeypatch.undo()
+    line = _error_line(code, err)
+    assert line == (f"error: {sheet}: not written (No space left on device); no partial file was left; free space "
+                    "or choose a writable --preview")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"], "no partial or temporary sheet"

@@ -154,6 +154,18 @@ def _write_artifact(root: Path, image_size=(24, 12), context_length=77, vocab=VO
     return w_img, emb
 
 
+def _to_format2(root: Path, image_size=(24, 12), context_length=77) -> None:
+    """Turn a ``_write_artifact`` folder into what exports write now: preprocess.json format 2 and a Hugging Face
+    tokenizer.json, no merges file."""
+    from tbps_compress.export.hf_tokenizer import write_hf_tokenizer
+    from tbps_compress.export.onnx_export import preprocess_document
+
+    doc = preprocess_document(*image_size, context_length, EMB_DIM)
+    (root / "preprocess.json").write_text(json.dumps(doc))
+    write_hf_tokenizer(root / "tokenizer.json", context_length)
+    (root / "bpe_simple_vocab_16e6.txt.gz").unlink()
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
@@ -166,6 +178,62 @@ def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("artifact")
     w_img, emb = _write_artifact(root)
     return root, w_img, emb
+
+
+@pytest.fixture(scope="module")
+def artifact2(tmp_path_factory, artifact):
+    """The same models with the current export layout (format-2 preprocess.json, Hugging Face tokenizer.json)."""
+    root = tmp_path_factory.mktemp("artifact2")
+    shutil.copytree(artifact[0], root, dirs_exist_ok=True)
+    _to_format2(root)
+    return root
+
+
+def test_format2_artifact_reads_like_the_earlier_layout(artifact, artifact2):
+    old, new = OnnxEncoder(artifact[0], threads=1), OnnxEncoder(artifact2, threads=1)
+    assert new.preprocess_config == old.preprocess_config == PreprocessConfig(image_size=(24, 12))
+    assert new.tokenizer.context_length == 77 and new.tokenizer.vocab_map is None
+    images = _random_images(3)
+    np.testing.assert_allclose(new.encode_images(images), old.encode_images(images), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(new.encode_texts(CAPTIONS), old.encode_texts(CAPTIONS), rtol=0, atol=1e-6)
+    # preprocess.json format 2 says the outputs are L2-normalised: returned as the graph wrote them, bit for bit
+    assert new.outputs_normalized and not old.outputs_normalized
+    raw = new.image_session.run(["embedding"], {"image": preprocess_images(images, new.preprocess_config)})[0]
+    np.testing.assert_array_equal(new.encode_images(images), raw)
+
+
+def _edit_json(path: Path, edit) -> None:  # noqa: ANN001
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "filename, edit, use, message",
+    [
+        ("preprocess.json", lambda d: d["image"].update(layout="NHWC"), "image",
+         r"preprocess.json: preprocess config 'image.layout': got 'NHWC', the runtime supports 'NCHW' only"),
+        ("preprocess.json", lambda d: d["image"].update(channel_order="BGR"), "image", r"'image.channel_order'"),
+        ("preprocess.json", lambda d: d.update(format=3), "image", r"'format': got 3, this version reads format 2"),
+        ("preprocess.json", lambda d: d["image"].update(imgae_size=[1, 1]), "image",
+         r"unknown key\(s\) \['imgae_size'\]"),
+        ("preprocess.json", lambda d: d["image"].update(image_size_hw=[0, 12]), "image", r"'image.image_size_hw'"),
+        ("preprocess.json", lambda d: d["image"].pop("image_size_hw"), "image", r"'image.image_size_hw': missing"),
+        ("preprocess.json", lambda d: d["text"].update(context_length=16), "text",
+         r"preprocess.json: text.context_length is 16 but .*tokenizer.json truncates to 77"),
+        ("tokenizer.json", lambda d: d["truncation"].update(max_length=16), "text",
+         r"tokenizer.json: expected truncation.max_length and a fixed padding length, equal"),
+        ("tokenizer.json", lambda d: d["model"].update(merges=d["model"]["merges"][:10]), "text",
+         r"tokenizer.json: expected at least 48894 BPE merges"),
+    ],
+)
+def test_format2_bad_files_are_named(tmp_path, artifact2, filename, edit, use, message):
+    shutil.copytree(artifact2, tmp_path, dirs_exist_ok=True)
+    _edit_json(tmp_path / filename, edit)
+    enc = OnnxEncoder(tmp_path)
+    with pytest.raises(RuntimeConfigError, match=message) as info:
+        _ = enc.preprocess_config if use == "image" else enc.tokenizer
+    assert "re-export" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_encoder_matches_numpy_reference(artifact):
@@ -299,7 +367,7 @@ _BLOCKED_SCRIPT = textwrap.dedent(
     """
     import importlib.abc, sys
 
-    BLOCKED = {"torch", "open_clip", "torchvision"}
+    BLOCKED = {"torch", "open_clip", "torchvision", "tokenizers"}
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -349,6 +417,17 @@ def test_runtime_works_without_torch(artifact):
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run(
         [sys.executable, "-c", _BLOCKED_SCRIPT, str(root), str(root / "bpe_simple_vocab_16e6.txt.gz")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert proc.stdout.startswith("OK [49406,")
+
+
+def test_runtime_reads_current_exports_without_torch_or_tokenizers(artifact2):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", _BLOCKED_SCRIPT, str(artifact2), str(artifact2 / "tokenizer.json")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout

@@ -1,12 +1,15 @@
 """Gallery index and text search: incremental updates, artifact keying, ranking, sheet / HTML output, dataset
-queries, the search_check benchmark, and ONNX search with torch unimportable."""
+queries, the search_check benchmark, ONNX search with torch unimportable, and the search command's index and filter
+flags (--index, --index-param, --index-dir, --where) with their one-line errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -100,7 +103,8 @@ def test_index_incremental(tmp_path, artifacts, encoder_a, caplog):
     assert enc.images == 5 and len(index) == 5 and index.stats.rebuilt
     h = artifact_hash(open_artifact(art))
     assert index.index_dir == gallery / ".tbps_index" / h[:16]
-    assert (index.index_dir / "embeddings.npy").is_file() and (index.index_dir / "manifest.json").is_file()
+    assert index.vectors_path.is_file() and index.metadata_path.is_file() and index.manifest_path.is_file()
+    assert index.vectors_path.parent == index.index_dir and index.vectors_path.suffix == ".faiss"
     rel = [p.relative_to(gallery).as_posix() for p in index.paths]
     assert rel == sorted(rel) and "notes.txt" not in rel and not any(".tbps_index" in r for r in rel)
     assert not list(index.index_dir.glob("*.tmp")), "temporary file left behind"
@@ -124,7 +128,10 @@ def test_index_incremental(tmp_path, artifacts, encoder_a, caplog):
     (gallery / "sub" / "p03.bmp").unlink()
     index, enc = _open(art, gallery, encoder_a)
     assert enc.images == 0 and index.stats.removed == 1 and len(index) == 5
-    assert "sub/p03.bmp" not in json.dumps(json.loads((index.index_dir / "manifest.json").read_text()))
+    assert "sub/p03.bmp" not in {e.path for e in index.entries}
+    with sqlite3.connect(index.metadata_path) as db:
+        live = {p for (p,) in db.execute("SELECT path FROM files WHERE removed_gen IS NULL")}
+    assert "sub/p03.bmp" not in live and len(live) == 5
 
     (gallery / "broken.jpg").write_bytes(b"not a jpeg at all")
     with caplog.at_level(logging.WARNING, logger="tbps_compress.retrieval.index"):
@@ -149,8 +156,8 @@ def test_other_artifact_not_reused(tmp_path, artifacts, encoder_a):
     ib2, cb2 = _open(b, gallery, enc_b, index_dir=ia.index_dir)
     assert cb2.images == 3 and ib2.stats.rebuilt
     assert json.loads((ia.index_dir / "manifest.json").read_text())["artifact_hash"] == artifact_hash(open_artifact(b))
-    # A corrupt embeddings file is detected and rebuilt, not trusted.
-    (ib.index_dir / "embeddings.npy").write_bytes(b"garbage")
+    # A corrupt FAISS file is detected and rebuilt, not trusted.
+    ib.vectors_path.write_bytes(b"garbage")
     ib3, cb3 = _open(b, gallery, enc_b)
     assert cb3.images == 3 and len(ib3) == 3
 
@@ -321,3 +328,83 @@ def test_onnx_search_is_torch_free(tmp_path):
     assert "TORCH_FREE_OK" in proc.stdout
     assert proc.stdout.splitlines()[0] == f"# {QUERY}" and proc.stdout.splitlines()[1].startswith("1\t")
     assert (tmp_path / "o.png").is_file() and (tmp_path / "o.html").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the search command: index kinds, metadata filters, one-line errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _synth_like(root: Path) -> Path:
+    """A dataset root with reid_raw.json and a synth_meta.json giving each image's camera (image k: camera k)."""
+    entries, metas = [], []
+    for pid in (1, 2, 3):
+        for k in range(2):
+            rel = f"test/{pid:04d}/{pid:04d}_{k:02d}.jpg"
+            _image(root / "imgs" / rel, seed=10 * pid + k)
+            entries.append({"split": "test", "id": pid, "file_path": rel, "captions": [f"person {pid} view {k}"]})
+            metas.append({"file_path": rel, "id": pid, "view": "front", "camera": k, "occluder": None})
+    (root / "reid_raw.json").write_text(json.dumps(entries))
+    (root / "synth_meta.json").write_text(json.dumps({"format": "synthpedes", "file_path_root": "imgs",
+                                                      "images": metas}))
+    return root
+
+
+def _index_files(root: Path) -> dict[str, str]:
+    (folder,) = [p.parent for p in (root / ".tbps_index").glob("*/manifest.json")]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.endswith(("-wal", "-shm")) and p.name != ".lock"}
+
+
+def test_cli_search_where_and_index_kinds(tmp_path, run_cli):
+    art = _onnx_artifact(tmp_path / "onnx_art")
+    root = _synth_like(tmp_path / "ds")
+    code, out, err = run_cli(["search", art, QUERY, "--gallery", root, "--where", "camera=1", "--top-k", "10"])
+    assert code == 0, err
+    hits = out.splitlines()[1:]
+    assert len(hits) == 3 and all("_01.jpg" in h and "\tid=" in h for h in hits), out
+    code, out, _ = run_cli(["search", art, QUERY, "--gallery", root, "--where", "camera=0", "--where", "identity=2"])
+    assert code == 0 and len(out.splitlines()) == 2 and "0002_00.jpg" in out
+    before = _index_files(root)
+
+    bad = [
+        (["--where", "colour=red"], "error: --where colour=red: unknown column 'colour'; valid columns: camera, "
+                                    "identity, mtime_ns, path, size"),
+        (["--where", "camera"], "error: --where 'camera': expected KEY=VALUE"),
+        (["--where", "camera=9"], "error: --where camera=9: no indexed image matches (camera values present: 0, 1)"),
+        (["--index", str(tmp_path / "somewhere")], "unknown index kind; choose one of flat, hnsw, ivfpq, ivfsq8 "
+                                                   "(an index folder is now given with --index-dir)"),
+        (["--index", "ivfpq"], "error: --index ivfpq: training needs at least 256 vectors (256 codewords per "
+                               "sub-quantizer with nbits=8) but the gallery has 6 images; use --index flat"),
+        (["--index", "hnsw", "--index-param", "nprobe=4"], "error: --index-param nprobe: not a parameter of "
+                                                           "--index hnsw; valid: M, ef_construction, ef_search"),
+    ]
+    for flags, message in bad:
+        code, out, err = run_cli(["search", art, QUERY, "--gallery", root, *flags])
+        assert code == 2, (flags, out, err)
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (flags, err)
+        assert _index_files(root) == before, f"{flags} changed the index"
+
+    code, out, err = run_cli(["search", art, QUERY, "--gallery", root, "--index", "hnsw", "--index-param",
+                              "ef_search=8"])
+    assert code == 0, err
+    (manifest,) = (root / ".tbps_index").glob("*/manifest.json")
+    assert json.loads(manifest.read_text())["index"] == {"kind": "hnsw", "params": {
+        "M": 32, "ef_construction": 200, "ef_search": 8}}
+    custom = tmp_path / "custom_index"
+    code, _, err = run_cli(["search", art, QUERY, "--gallery", root, "--index-dir", custom])
+    assert code == 0, err
+    assert (custom / "manifest.json").is_file()
+
+
+def test_cli_truncated_index_is_rebuilt_without_traceback(tmp_path, run_cli_subprocess):
+    art = _onnx_artifact(tmp_path / "onnx_art")
+    gallery = _gallery(tmp_path / "g", n=4)
+    code, _, err = run_cli_subprocess(["search", art, QUERY, "--gallery", gallery])
+    assert code == 0, err
+    (vectors,) = (gallery / ".tbps_index").glob("*/vectors-*.faiss")
+    vectors.write_bytes(vectors.read_bytes()[:100])
+    code, out, err = run_cli_subprocess(["search", art, QUERY, "--gallery", gallery])
+    assert code == 0, err
+    assert "Traceback" not in err and "FAISS index file does not match the manifest" in err
+    assert "rebuilding the index" in err and len(out.splitlines()) == 5

@@ -11,11 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..io_utils import atomic_folder
+
 log = logging.getLogger(__name__)
 
 __all__ = ["markdown_table", "pareto_front", "pareto_plot", "print_table", "rich_table", "write_report"]
 
 CSV_FILE, JSON_FILE, MD_FILE, PLOT_FILE = "bench.csv", "bench.json", "bench.md", "pareto.png"
+REPORT_FILES = (CSV_FILE, JSON_FILE, MD_FILE, PLOT_FILE)  # all a report folder holds: --force replaces nothing else
 
 # (header, row key, number format); None keys are computed.
 _COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -234,22 +237,24 @@ def _csv_value(v: Any) -> Any:
     return json.dumps(v) if isinstance(v, (list, dict)) else ("" if v is None else v)
 
 
-def write_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out: Path) -> dict[str, Path | None]:
-    """Write ``bench.csv``, ``bench.json`` (``{"meta", "rows"}``), ``bench.md`` and ``pareto.png`` into ``out``."""
+def write_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], out: Path, *,
+                 force: bool = False) -> dict[str, Path | None]:
+    """Write ``bench.csv``, ``bench.json`` (``{"meta", "rows"}``), ``bench.md`` and ``pareto.png`` into the folder
+    ``out``: all four into a temporary sibling renamed onto ``out`` once complete (a full disk leaves neither a
+    partial folder nor a changed one). An existing non-empty ``out`` is replaced only with ``force``, and only when
+    it holds nothing but these files (an earlier report)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path | None] = {}
-    with open(out / CSV_FILE, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=_fieldnames(rows))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: _csv_value(v) for k, v in r.items()})
-    paths["csv"] = out / CSV_FILE
-    (out / JSON_FILE).write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2, default=str) + "\n",
-                                 encoding="utf-8")
-    paths["json"] = out / JSON_FILE
-    (out / MD_FILE).write_text(markdown_table(rows, meta), encoding="utf-8")
-    paths["md"] = out / MD_FILE
-    paths["png"] = pareto_plot(rows, out / PLOT_FILE)
+    with atomic_folder(out, force=force, flag="--out", owned=REPORT_FILES) as tmp:
+        with open(tmp / CSV_FILE, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=_fieldnames(rows))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: _csv_value(v) for k, v in r.items()})
+        (tmp / JSON_FILE).write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=2, default=str) + "\n",
+                                     encoding="utf-8")
+        (tmp / MD_FILE).write_text(markdown_table(rows, meta), encoding="utf-8")
+        plot = pareto_plot(rows, tmp / PLOT_FILE)
+    paths: dict[str, Path | None] = {"csv": out / CSV_FILE, "json": out / JSON_FILE, "md": out / MD_FILE,
+                                     "png": out / PLOT_FILE if plot is not None else None}
     log.info("benchmark report written to %s", out)
     return paths

@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import check_device
 from ..errors import UserError
+from ..io_utils import check_output_folder
 from .latency import PeakMemory, Timing, environment, matmul_ceiling, measure, no_sync, torch_threads
 
 log = logging.getLogger(__name__)
@@ -328,6 +330,7 @@ def run_bench(
     format: str | None = None,
     retrieval_batch: int = 128,
     meta: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> list[dict[str, Any]]:
     """Benchmark artifacts (torch or ONNX folders) on every requested runtime and precision; one row each.
 
@@ -342,13 +345,16 @@ def run_bench(
         gallery_size: N random normalised gallery embeddings for the end-to-end search latency.
         warmup, reps: untimed and timed calls per measurement.
         threads: intra-op threads for PyTorch and onnxruntime (None: their defaults).
-        out: folder for ``bench.csv``, ``bench.json``, ``bench.md`` and ``pareto.png`` (None: write nothing).
+        out: folder for ``bench.csv``, ``bench.json``, ``bench.md`` and ``pareto.png`` (None: write nothing). It is
+            checked before anything is measured, written under a temporary name and renamed when complete.
         export_torch: export PyTorch artifacts to ONNX in a temporary folder to bench them in onnxruntime.
         compile: add ``torch.compile`` rows.
         precisions: keep only these PyTorch precisions (e.g. ``["fp32", "fp16"]``).
         max_time_s: stop a measurement early after this many timed seconds (at least 3 calls timed).
         topk: k of the search latency.
         meta: a dict to fill with how the run was measured (what ``bench.json`` holds under ``meta``).
+        force: replace an existing ``out`` folder holding an earlier report (refused otherwise, and always when it
+            holds other files).
 
     Returns:
         The rows (dicts with :data:`ROW_FIELDS` plus the per-batch image fields), in artifact then case order.
@@ -361,8 +367,11 @@ def run_bench(
         raise UserError(f"--gallery-size and topk must be >= 1, got {gallery_size} and {topk}")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
-        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    check_device(device, allow_auto=False)
+    if out is not None:
+        from .report import REPORT_FILES
+
+        check_output_folder(Path(out), force=force, flag="--out", owned=REPORT_FILES)
     from ..artifacts import open_artifact
 
     opened = [open_artifact(Path(a)) for a in artifacts]  # fail early on a missing or corrupt artifact
@@ -425,7 +434,7 @@ def run_bench(
     if out is not None:
         from .report import write_report
 
-        write_report(rows, info, Path(out))
+        write_report(rows, info, Path(out), force=force)
     return rows
 
 
@@ -648,10 +657,11 @@ def _bench_ort(path: Path, case: BenchCase, ctx: _Context, row: dict[str, Any]) 
     _measure_all(row, ctx, no_sync, lambda: s_txt.run(["embedding"], {"text": tokens}),
                  {b: (lambda x=images[b]: s_img.run(["embedding"], {"image": x})) for b in ctx.batches}, search)
     if ctx.records:
+        from ..evaluation import encode_image_files
         from ..retrieval.metrics import metrics_from_embeddings
 
         paths = [ctx.dataset.image_path(r) for r in ctx.records]
-        img = enc.encode_images(paths, batch_size=ctx.retrieval_batch)
+        img = encode_image_files(enc, paths, batch_size=ctx.retrieval_batch)
         txt = enc.encode_texts([c for r in ctx.records for c in r.captions], batch_size=ctx.retrieval_batch)
         image_pids = np.array([r.pid for r in ctx.records])
         text_pids = np.array([r.pid for r in ctx.records for _ in r.captions])

@@ -26,9 +26,9 @@ teacher with the same data settings, so a step costs only the student's forward 
 
 Vocabulary pruning (:func:`tbps_compress.models.vocab.prune_vocabulary`): the token table keeps the ids the
 training captions use (plus back-translations and synonyms when those augmentations are on), id 0, SOT and EOT,
-and one ``unk`` row (the mean embedding) for unseen tokens. New ids: 0, used ids in order, unk, SOT, EOT (EOT stays the largest id: text pooling
-is the argmax over ids). The artifact carries ``vocab_map.json`` ({original: new}) and ``tokenizer.json``
-({"unk_id"}); the config's ``text_cfg.vocab_size`` is the new size.
+and one ``unk`` row (the mean embedding) for unseen tokens. New ids: 0, used ids in order, unk, SOT, EOT (EOT
+stays the largest id: text pooling is the argmax over ids). The artifact carries ``vocab_map.json``
+({original: new}) and ``tokenizer.json`` ({"unk_id"}); the config's ``text_cfg.vocab_size`` is the new size.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import DataError
+from ..io_utils import open_image_rgb
 from ..recipes import AugmentCfg
 from .records import Record, caption_pairs
 from .transforms import ImageAugment, TextAugment, swap_left_right
@@ -24,15 +24,12 @@ log = logging.getLogger(__name__)
 
 
 def load_image_resized(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """RGB uint8 (3,H,W) tensor, PIL bicubic resize to (height, width): the same as the ONNX runtime's."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc}); fix or remove the file") from exc
+    """RGB uint8 (3,H,W) tensor, PIL bicubic resize to (height, width): the same as the ONNX runtime's. A file that
+    does not decode (corrupt, truncated, a decompression bomb) is one :class:`DataError` line naming it."""
+    im = open_image_rgb(path)
+    if im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

@@ -73,6 +73,9 @@ class Progress:
 
 
 def resolve_device(name: str) -> torch.device:
+    from ..devices import check_device
+
+    check_device(name, flag="device")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)

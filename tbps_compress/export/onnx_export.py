@@ -1,20 +1,31 @@
 """Export a PyTorch artifact to ONNX: one file per tower, then prove it.
 
-The artifact written (stage ``export``) holds what :class:`tbps_compress.runtime.OnnxEncoder` reads:
+The artifact written (stage ``export``) can be used without this package (onnxruntime, numpy, Pillow and
+``tokenizers``; see ``tests/outside_client.py``), and is what :class:`tbps_compress.runtime.OnnxEncoder` reads:
 
 - ``image_encoder.onnx``: input ``image`` float32 ``(N, 3, H, W)`` -> output ``embedding`` ``(N, D)``, L2-normalised.
-- ``text_encoder.onnx``: input ``text`` int64 ``(N, L)`` -> output ``embedding`` ``(N, D)``, L2-normalised.
+- ``text_encoder.onnx``: input ``text`` int64 ``(N, L)`` of STANDARD CLIP BPE ids (0..49407, as open_clip and
+  ``tokenizer.json`` write them) -> output ``embedding`` ``(N, D)``, L2-normalised. A vocabulary-pruned model maps
+  the ids inside the graph (a constant lookup table and a Gather before the token embedding; ids outside the pruned
+  vocabulary go to its unknown-token row), so no remapping file is needed.
   Weights above :data:`EXTERNAL_DATA_THRESHOLD` bytes go to ``<file>.data`` beside the model (ONNX's 2 GB limit).
-- ``preprocess.json``: ``{"image_size": [H, W], "mean", "std", "resize": "bicubic"}`` (OpenAI CLIP statistics).
-- ``tokenizer.json``: ``{"context_length", "vocab_file", ["vocab_map_file", "unk_id"]}`` plus a copy of open_clip's
-  ``bpe_simple_vocab_16e6.txt.gz`` (and ``vocab_map.json`` when the source had a pruned vocabulary).
+- ``tokenizer.json``: a Hugging Face ``tokenizers`` file: CLIP's byte-level BPE with the caption cleaning as its
+  normaliser, SOT/EOT added, truncated and zero-padded to the context length
+  (:mod:`tbps_compress.export.hf_tokenizer`). Its ids are checked against the runtime tokenizer before writing.
+- ``preprocess.json``: what a client must do (:func:`preprocess_document`): image size ``[height, width]``, bicubic
+  resize, RGB, NCHW float32 in 0..1 normalised with OpenAI CLIP's mean/std; the caption cleaning rule and the
+  context length; input and output names, and that the outputs are L2-normalised.
 - ``model_config.json`` (copy, for reference), ``source_metrics.json`` (the source's ``metrics.json``),
   ``export_report.json`` (what :func:`export_onnx` returns).
 
+Exports of earlier versions (``tokenizer.json`` holding ``{"context_length", "vocab_file", ...}``, a copy of
+``bpe_simple_vocab_16e6.txt.gz`` and, for pruned models, ``vocab_map.json`` applied by the runtime tokenizer) still
+load through :mod:`tbps_compress.runtime`.
+
 Each tower is exported by the dynamo exporter with a dynamic batch axis. Before the folder is renamed into place
 the ONNX checker runs (path-based, so external data works) and onnxruntime is compared with PyTorch on random
-inputs at batch 1 and 3 and, with ``parity_data``, on real dataset samples: a mismatch raises
-:class:`~tbps_compress.errors.ParityError` and leaves nothing behind.
+inputs at batch 1 and 3 (and, for a pruned vocabulary, on ids it kept) and, with ``parity_data``, on real dataset
+samples: a mismatch raises :class:`~tbps_compress.errors.ParityError` and leaves nothing behind.
 
 ``fp16=True`` converts the checked float32 graphs to float16 weights and arithmetic with float32 inputs and
 outputs (:func:`convert_to_float16`), a GPU format; its parity (tolerance ``max(atol, FP16_ATOL)``) runs on the
@@ -33,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..artifacts import METRICS, MODEL_CONFIG, check_output_dir, open_artifact, write_json
-from ..errors import ArtifactError, UserError
+from ..errors import ArtifactError, ParityError, UserError
 from .parity import (
     Case,
     ParityResult,
@@ -57,19 +68,21 @@ __all__ = [
     "convert_to_float16",
     "export_onnx",
     "load_onnx",
+    "preprocess_document",
     "save_onnx",
 ]
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 PREPROCESS_FILE = "preprocess.json"
-TOKENIZER_FILE = "tokenizer.json"
-VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-VOCAB_MAP_FILE = "vocab_map.json"
+TOKENIZER_FILE = "tokenizer.json"  # Hugging Face tokenizers file (a PyTorch source's tokenizer.json holds its unk_id)
+VOCAB_MAP_FILE = "vocab_map.json"  # read from a vocabulary-pruned source; folded into the text graph
+VOCAB_SIZE = 49408
 SOURCE_METRICS_FILE = "source_metrics.json"
 REPORT_FILE = "export_report.json"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+SOT_ID = 49406
 EOT_ID = 49407
 MIN_OPSET = 18
 
@@ -79,6 +92,14 @@ EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 FP16_ATOL = 1e-2
 PARITY_BATCHES = (1, 3)
 PARITY_DATA_SAMPLES = 4
+# Captions whose tokenizer.json ids are compared with the runtime tokenizer's before the export is written.
+TOKENIZER_PROBES = (
+    "A woman wearing a red T-shirt, blue jeans and white sneakers.",
+    "The man's bag is BLACK; he wears glasses!!! (maybe) #2 ~ok: yes*",
+    "she's carrying 3 bags -- a 12-inch laptop & a “big” umbrella",
+    "Zoë's café-style coat, ﬁne ＡＢＣ１２３ and a 红色 hat 😀",
+    " ".join(["a person in a long grey coat"] * 12),
+)
 
 _TOWERS = {"image": (IMAGE_FILE, "image"), "text": (TEXT_FILE, "text")}
 
@@ -266,13 +287,21 @@ def _wrappers() -> tuple[type, type]:
             return self.model.encode_image(image, normalize=True)
 
     class TextEncoder(nn.Module):
-        """``text`` (N, L) int64 -> L2-normalised ``embedding`` (N, D), pooled at the end-of-text (argmax) id."""
+        """``text`` (N, L) int64 standard CLIP ids -> L2-normalised ``embedding`` (N, D), pooled at the end-of-text
+        (argmax) id. ``lookup`` (a vocabulary-pruned model): standard id -> token-embedding row, applied first (kept
+        as a (V, 1) table so that the exporter writes one Gather and a Squeeze)."""
 
-        def __init__(self, model: nn.Module) -> None:
+        def __init__(self, model: nn.Module, lookup: Any = None) -> None:
             super().__init__()
             self.model = model
+            if lookup is not None:
+                self.register_buffer("lookup", lookup.reshape(-1, 1), persistent=False)
+            else:
+                self.lookup = None
 
         def forward(self, text):  # noqa: ANN001, ANN201 - traced
+            if self.lookup is not None:
+                text = nn.functional.embedding(text, self.lookup).squeeze(-1)
             return self.model.encode_text(text, normalize=True)
 
     return ImageEncoder, TextEncoder
@@ -324,8 +353,8 @@ def _export_tower(module: Any, example: Any, input_name: str, path: Path, opset:
     return external
 
 
-def _read_vocab_map(path: Path) -> tuple[Any, int | None, int]:
-    """Read a source ``vocab_map.json``: returns (map to write, unk id, new EOT id). Accepts ``{original: new}``
+def _read_vocab_map(path: Path) -> tuple[dict[int, int], int | None]:
+    """Read a source ``vocab_map.json``: returns ({original id: row}, unk id or None). Accepts ``{original: new}``
     (with an optional ``"unk"`` / ``"unk_id"`` entry) or a list of original ids in new-id order."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -335,26 +364,138 @@ def _read_vocab_map(path: Path) -> tuple[Any, int | None, int]:
     try:
         if isinstance(data, list):
             mapping = {int(orig): new for new, orig in enumerate(data)}
-            out: Any = [int(x) for x in data]
         elif isinstance(data, dict):
             data = dict(data)
             for key in ("unk_id", "unk", "<unk>"):
                 if key in data:
                     unk = int(data.pop(key))
             mapping = {int(k): int(v) for k, v in data.items()}
-            out = {str(k): v for k, v in mapping.items()}
         else:
             raise TypeError(type(data).__name__)
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"{path}: expected an object original id -> new id (or a list of original ids), "
                             f"with integer entries ({exc})") from exc
+    return mapping, unk
+
+
+def _vocab_lookup(path: Path, mapping: dict[int, int], unk: int | None, n_tokens: int) -> np.ndarray:
+    """The in-graph lookup table of a pruned vocabulary: standard id -> row (unknown ids -> ``unk``)."""
+    if unk is None:
+        raise ArtifactError(f"{path}: no unknown-token id (an \"unk_id\" entry here or in {TOKENIZER_FILE}); the "
+                            "exported text tower sends ids outside the pruned vocabulary to that row; add it or "
+                            "re-run the stage that pruned the vocabulary")
+    bad = sorted(o for o in mapping if not 0 <= o < VOCAB_SIZE)
+    if bad:
+        raise ArtifactError(f"{path}: original ids {bad[:5]} are outside CLIP's vocabulary [0, {VOCAB_SIZE})")
+    rows = sorted({v for v in mapping.values()} | {unk})
+    if rows[0] < 0 or rows[-1] >= n_tokens:
+        raise ArtifactError(f"{path}: rows must lie in [0, {n_tokens}) (the model's token embeddings), found "
+                            f"{rows[0] if rows[0] < 0 else rows[-1]}; the map does not belong to these weights")
     if EOT_ID not in mapping:
         raise ArtifactError(f"{path}: the end-of-text id {EOT_ID} is not mapped; the text tower pools at it")
     eot = mapping[EOT_ID]
-    if max(mapping.values()) > eot or (unk is not None and unk > eot):
-        log.warning("%s: end-of-text maps to %d, not the largest id; argmax pooling will pick the wrong token",
+    if rows[-1] > eot:
+        log.warning("%s: end-of-text maps to %d, not the largest row; argmax pooling will pick the wrong token",
                     path, eot)
-    return out, unk, eot
+    lookup = np.full(VOCAB_SIZE, unk, dtype=np.int64)
+    for orig, row in mapping.items():
+        lookup[orig] = row
+    lookup[0] = mapping.get(0, 0)  # padding
+    return lookup
+
+
+def _kept_tokens(n: int, context_length: int, kept: np.ndarray, seed: int) -> np.ndarray:
+    """Like :func:`random_tokens` (standard ids, EOT at a random place, zero padding), the ids drawn from ``kept``."""
+    tokens = random_tokens(n, context_length, EOT_ID, seed=seed)
+    body = (tokens != 0) & (tokens != EOT_ID)
+    tokens[body] = np.random.default_rng(seed).choice(kept, size=int(body.sum()))
+    return tokens
+
+
+def preprocess_document(height: int, width: int, context_length: int, embed_dim: int,
+                        normalized: bool = True) -> dict[str, Any]:
+    """``preprocess.json`` of an export: everything a client outside this package must do (module docs).
+    ``normalized``: whether the graphs' outputs are L2-normalised (export measures it on its parity inputs)."""
+    from ..runtime.preprocess import PREPROCESS_FORMAT
+    from ..runtime.tokenizer import CAPTION_CLEAN_CHARS
+
+    chars = " ".join(CAPTION_CLEAN_CHARS)
+    return {
+        "format": PREPROCESS_FORMAT,
+        "image": {
+            "input": "image",
+            "image_size_hw": [height, width],
+            "resize": "bicubic",
+            "resize_rule": f"resize to exactly {height} x {width} (height x width; PIL: image.resize(({width}, "
+                           f"{height}), Image.BICUBIC)), no crop, aspect ratio not kept",
+            "channel_order": "RGB",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "scale": "pixel / 255 (0..1), then (x - mean) / std per channel",
+            "mean": list(OPENAI_MEAN),
+            "std": list(OPENAI_STD),
+        },
+        "text": {
+            "input": "text",
+            "dtype": "int64",
+            "context_length": context_length,
+            "tokenizer": TOKENIZER_FILE,
+            "ids": f"standard CLIP BPE ids: [{SOT_ID}] tokens [{EOT_ID}] padded with 0 to context_length; a longer "
+                   f"caption keeps its first context_length - 2 tokens and ends with {EOT_ID}",
+            "sot_id": SOT_ID,
+            "eot_id": EOT_ID,
+            "pad_id": 0,
+            "caption_cleaning": {
+                "rule": f"lower-case, replace each of {chars} by a space, collapse runs of whitespace into one "
+                        "space, strip; tokenizer.json's normaliser applies it, so pass raw captions",
+                "lowercase": True,
+                "replace_with_space": list(CAPTION_CLEAN_CHARS),
+                "collapse_whitespace": True,
+                "tokenizer_json_limits": "tokenizer.json gives the runtime's ids except for HTML character "
+                                         "references (&amp;) and mojibake, which the runtime's ftfy cleaning "
+                                         "repairs first",
+            },
+        },
+        "output": {
+            "name": "embedding",
+            "dtype": "float32",
+            "shape": ["batch", embed_dim],
+            "l2_normalized": normalized,
+            "similarity": "dot product of the embeddings (cosine similarity)" if normalized else
+                          "cosine similarity (L2-normalise the embeddings first)",
+        },
+    }
+
+
+def _check_tokenizer(path: Path, context_length: int, probes: list[str], captions: list[str]) -> dict[str, Any]:
+    """Compare ``tokenizer.json``'s ids of raw captions with the runtime's (``clean_caption`` then open_clip's BPE).
+
+    A fixed probe that differs is a bug: :class:`ParityError`. Dataset ``captions`` that differ belong to a class
+    the file cannot reproduce (HTML character references, mojibake; see :mod:`.hf_tokenizer`): logged and counted
+    in the report, the export goes on."""
+    from tokenizers import Tokenizer
+
+    from ..runtime.tokenizer import BPETokenizer, clean_caption
+
+    hf_tok, runtime = Tokenizer.from_file(str(path)), BPETokenizer(path, context_length=context_length)
+
+    def differing(texts: list[str]) -> list[str]:
+        if not texts:
+            return []
+        hf = [e.ids for e in hf_tok.encode_batch(texts)]
+        ref = runtime([clean_caption(c) for c in texts]).tolist()
+        return [c for c, a, b in zip(texts, hf, ref, strict=True) if a != b]
+
+    bad = differing(probes)
+    if bad:
+        raise ParityError(f"{path.name}: {len(bad)} of {len(probes)} probe captions tokenise differently from the "
+                          f"runtime tokenizer, e.g. {bad[0][:80]!r}; report this with the caption")
+    bad = differing(captions)
+    if bad:
+        log.warning("%s: %d of %d dataset captions tokenise differently from the runtime (e.g. %r): HTML entities "
+                    "or mojibake, which only the runtime's ftfy cleaning repairs", path.name, len(bad),
+                    len(captions), bad[0][:80])
+    return {"checked": len(probes) + len(captions), "dataset_differ": len(bad), "examples": bad[:3]}
 
 
 def export_onnx(
@@ -390,7 +531,8 @@ def export_onnx(
     from ..artifacts import write_artifact
     from ..models.config import image_size_hw
     from ..models.io import load_model
-    from ..runtime.tokenizer import BPETokenizer, default_vocab_path
+    from ..runtime.tokenizer import BPETokenizer
+    from .hf_tokenizer import build_hf_tokenizer, write_hf_tokenizer
 
     src, out = Path(artifact), Path(out)
     check_output_location(src, out)
@@ -408,54 +550,62 @@ def export_onnx(
     context_length = int(model.positional_embedding.shape[0])
     n_tokens = int(model.token_embedding.num_embeddings)
 
-    vocab_map, unk_id, eot_id = None, None, EOT_ID
+    lookup: np.ndarray | None = None
+    kept: list[int] = []
     if (src / VOCAB_MAP_FILE).is_file():
-        vocab_map, unk_id, eot_id = _read_vocab_map(src / VOCAB_MAP_FILE)
+        mapping, unk_id = _read_vocab_map(src / VOCAB_MAP_FILE)
         if unk_id is None and (src / TOKENIZER_FILE).is_file():
             unk_id = art.read_json(TOKENIZER_FILE).get("unk_id")
-    if eot_id >= n_tokens:
+        lookup = _vocab_lookup(src / VOCAB_MAP_FILE, mapping, unk_id, n_tokens)
+        kept = sorted(set(mapping) - {0, SOT_ID, EOT_ID})
+    elif n_tokens <= EOT_ID:
         raise ArtifactError(f"{src}: the text tower has {n_tokens} token embeddings but the end-of-text id is "
-                            f"{eot_id}" + ("" if vocab_map is not None else f" and there is no {VOCAB_MAP_FILE}"))
-    tokenizer_cfg: dict[str, Any] = {"context_length": context_length, "vocab_file": VOCAB_FILE}
-    if vocab_map is not None:
-        tokenizer_cfg["vocab_map_file"] = VOCAB_MAP_FILE
-    if unk_id is not None:
-        tokenizer_cfg["unk_id"] = unk_id
+                            f"{EOT_ID} and there is no {VOCAB_MAP_FILE}")
+
+    hf_tokenizer = build_hf_tokenizer(context_length)  # before any work: fails at once without tokenizers / ftfy
+
+    def rows(tokens: np.ndarray) -> np.ndarray:
+        """Standard ids -> the model's token rows (what PyTorch is fed)."""
+        return tokens if lookup is None else lookup[tokens]
+
     preprocess_cfg = {"image_size": [height, width], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
                       "resize": "bicubic"}
-    vocab_src = default_vocab_path()
 
     # Inputs: fresh random batches, plus real samples when a dataset is given (read before any work is done).
     cases: list[Case] = []
     for i, n in enumerate(PARITY_BATCHES):
         cases.append(Case("image", f"random-b{n}", random_images(n, (height, width), seed=100 + i)))
-        cases.append(Case("text", f"random-b{n}", random_tokens(n, context_length, eot_id, seed=200 + i)))
+        cases.append(Case("text", f"random-b{n}", random_tokens(n, context_length, EOT_ID, seed=200 + i)))
+    if kept:  # random standard ids are mostly unknown to a pruned vocabulary: try the kept ones too
+        cases.append(Case("text", "kept-b3", _kept_tokens(3, context_length, np.array(kept), seed=210)))
+    captions: list[str] = []
     if parity_data is not None:
         from ..runtime.preprocess import PreprocessConfig
 
-        mapping = None
-        if vocab_map is not None:
-            mapping = ({int(k): int(v) for k, v in vocab_map.items()} if isinstance(vocab_map, dict)
-                       else {orig: new for new, orig in enumerate(vocab_map)})
-        tok = BPETokenizer(vocab_src, context_length=context_length, vocab_map=mapping, unk_id=unk_id)
+        tok = BPETokenizer(context_length=context_length)
         images, tokens = dataset_samples(Path(parity_data), PreprocessConfig.from_dict(preprocess_cfg), tok,
                                          PARITY_DATA_SAMPLES, PARITY_DATA_SAMPLES)
         if len(images):
             cases.append(Case("image", f"dataset-b{len(images)}", images))
         if len(tokens):
             cases.append(Case("text", f"dataset-b{len(tokens)}", tokens))
+        captions = _dataset_captions(Path(parity_data), 64)
 
     @torch.no_grad()
     def torch_ref(case: Case) -> np.ndarray:
-        x = torch.from_numpy(case.array)
-        emb = model.encode_image(x, normalize=True) if case.tower == "image" else model.encode_text(x, normalize=True)
+        if case.tower == "image":
+            emb = model.encode_image(torch.from_numpy(case.array), normalize=True)
+        else:
+            emb = model.encode_text(torch.from_numpy(rows(case.array)), normalize=True)
         return emb.float().numpy()
 
     refs = {case.key: torch_ref(case) for case in cases}
+    embed_dim = int(refs[cases[0].key].shape[1])
     image_enc, text_enc = _wrappers()
     examples = {"image": torch.randn(2, 3, height, width),
-                "text": torch.from_numpy(random_tokens(2, context_length, eot_id, seed=7))}
-    modules = {"image": image_enc(model), "text": text_enc(model)}
+                "text": torch.from_numpy(random_tokens(2, context_length, EOT_ID, seed=7))}
+    modules = {"image": image_enc(model),
+               "text": text_enc(model, None if lookup is None else torch.from_numpy(lookup))}
     options = {"opset": opset, "fp16": fp16, "atol": atol, "parity_data": str(parity_data) if parity_data else None}
 
     with write_artifact(out, stage="export", parent=src, force=force, extra_lineage={"export": options}) as tmp:
@@ -475,8 +625,11 @@ def export_onnx(
 
             return run
 
-        fp32 = check_max_abs(cases, lambda c: refs[c.key], onnx_run(False), atol, "ONNX export vs PyTorch (float32)")
+        fp32_run = onnx_run(False)
+        fp32 = check_max_abs(cases, lambda c: refs[c.key], fp32_run, atol, "ONNX export vs PyTorch (float32)")
         log.info("float32 parity: max abs diff %.3g over %d outputs", fp32.max_diff, len(fp32.diffs))
+        norms = np.concatenate([np.linalg.norm(fp32_run(case), axis=1) for case in cases])
+        normalized = bool(np.all(np.abs(norms - 1.0) < 1e-4))  # preprocess.json tells clients
         fp16_result: ParityResult | None = None
         fp16_skipped: str | None = None
         if fp16:
@@ -494,11 +647,9 @@ def export_onnx(
                 fp16_skipped = f"the CPU provider lacks a float16 kernel ({str(exc)[:200]}); check on a GPU"
                 log.warning("float16 parity skipped: %s", fp16_skipped)
 
-        (tmp / VOCAB_FILE).write_bytes(vocab_src.read_bytes())
-        if vocab_map is not None:
-            write_json(tmp / VOCAB_MAP_FILE, vocab_map)
-        write_json(tmp / TOKENIZER_FILE, tokenizer_cfg)
-        write_json(tmp / PREPROCESS_FILE, preprocess_cfg)
+        write_hf_tokenizer(tmp / TOKENIZER_FILE, context_length, tokenizer=hf_tokenizer)
+        tokenizer_check = _check_tokenizer(tmp / TOKENIZER_FILE, context_length, list(TOKENIZER_PROBES), captions)
+        write_json(tmp / PREPROCESS_FILE, preprocess_document(height, width, context_length, embed_dim, normalized))
         shutil.copyfile(src / MODEL_CONFIG, tmp / MODEL_CONFIG)
         if (src / METRICS).is_file():
             shutil.copyfile(src / METRICS, tmp / SOURCE_METRICS_FILE)
@@ -513,13 +664,22 @@ def export_onnx(
             "max_diff_fp16": fp16_result.max_diff if fp16_result else None,
             "fp16_atol": max(atol, FP16_ATOL) if fp16 else None,
             "fp16_parity_skipped": fp16_skipped,
+            "tokenizer_check": tokenizer_check,
+            "vocab_lookup_in_graph": lookup is not None,
             "files": files,
             "external_data": any(external.values()),
             "image_size": [height, width],
             "context_length": context_length,
-            "embed_dim": int(refs[cases[0].key].shape[1]),
+            "embed_dim": embed_dim,
         }
         write_json(tmp / REPORT_FILE, report)
     report["path"] = str(out)
     log.info("exported %s -> %s (max abs diff %.3g)", src, out, report["max_diff"])
     return report
+
+
+def _dataset_captions(root: Path, n: int) -> list[str]:
+    """Up to ``n`` raw captions of a dataset folder, in record order (for the tokenizer check)."""
+    from ..data.readers import load_dataset
+
+    return [c for r in load_dataset(root).records for c in r.captions][:n]

@@ -4,10 +4,14 @@
   on the torch-free runtime (:class:`tbps_compress.runtime.OnnxEncoder`); torch artifacts through
   :class:`TorchArtifactEncoder`, the only place here that imports torch (inside its constructor). Importing this
   module, and searching with an ONNX artifact, never imports torch, torchvision or open_clip.
-- :func:`search_gallery` opens (builds or updates) the gallery index and ranks its files for each query.
+- :func:`search_gallery` opens (builds or updates) the gallery index (FAISS vectors + SQLite metadata, see
+  :mod:`tbps_compress.retrieval.index`) and ranks its files for each query; ``where={"camera": 3}`` restricts the
+  ranking to files whose stored metadata match, ``index_kind`` / ``index_params`` choose an exact or approximate index.
 - Identities: where the gallery's images belong to a dataset (``data=ROOT`` or a gallery that is itself a dataset
   root), each hit carries its identity, and with an expected identity per query each hit is marked correct or not.
   :func:`dataset_query` turns caption K of a split into such a query (``--data ROOT --query-index K``).
+  :func:`dataset_annotations` adds each image's camera where the dataset has a ``synth_meta.json`` (SynthPedes);
+  both are stored in the index's SQLite metadata, so that a search can be filtered on them.
 - :func:`render_sheet` (PNG/JPEG, Pillow) and :func:`render_html` (one self-contained page, base64 thumbnails).
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
@@ -30,13 +35,13 @@ from ..artifacts import Artifact, content_hash, open_artifact
 from ..errors import UserError
 from ..runtime.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, preprocess_images
 from ..runtime.tokenizer import clean_caption
-from .index import Encoder, GalleryIndex, IndexStats
+from .index import Encoder, GalleryIndex, IndexSpec, IndexStats, normalize_where
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hit", "SearchReport", "SearchResult", "TorchArtifactEncoder", "artifact_hash", "dataset_identities",
-           "dataset_query", "format_results", "open_encoder", "open_index", "render_html", "render_sheet",
-           "run_search", "search_gallery"]
+__all__ = ["Hit", "SearchReport", "SearchResult", "TorchArtifactEncoder", "artifact_hash", "dataset_annotations",
+           "dataset_identities", "dataset_query", "format_results", "open_encoder", "open_index", "render_html",
+           "render_sheet", "run_search", "search_gallery"]
 
 GREEN = (34, 150, 60)
 RED = (200, 40, 50)
@@ -130,6 +135,42 @@ def dataset_identities(root: Path, format: str | None = None, split: str | None 
     return {ds.image_path(r).resolve(): int(r.pid) for r in recs}
 
 
+def _synth_cameras(root: Path) -> dict[str, int]:
+    """``file_path`` -> camera from a SynthPedes ``synth_meta.json`` (empty when there is none)."""
+    from ..data.synthpedes import META_FILE
+
+    path = Path(root) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        images = meta["images"]
+        out = {str(m["file_path"]): int(m["camera"]) for m in images if m.get("camera") is not None}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        log.warning("%s: unreadable per-image camera list (%s); cameras left unknown", path, exc)
+        return {}
+    root_dir = str(meta.get("file_path_root") or "imgs").strip("/")
+    out.update({f"{root_dir}/{k}": v for k, v in list(out.items())})  # older folders wrote imgs/<split>/...
+    return out
+
+
+def dataset_annotations(root: Path, format: str | None = None, split: str | None = None,
+                        ) -> dict[Path, dict[str, int]]:
+    """Resolved image path -> ``{"identity": ..., "camera": ...}`` for the images of a dataset (of one split, or
+    all); ``camera`` only where the dataset has a ``synth_meta.json`` that gives it."""
+    ds = _load_dataset(root, format)
+    recs = ds.split(split) if split else ds.records
+    cameras = _synth_cameras(ds.root)
+    out: dict[Path, dict[str, int]] = {}
+    for r in recs:
+        ann = {"identity": int(r.pid)}
+        cam = cameras.get(r.image)
+        if cam is not None:
+            ann["camera"] = cam
+        out[ds.image_path(r).resolve()] = ann
+    return out
+
+
 def dataset_query(root: Path, index: int, split: str = "test", format: str | None = None) -> tuple[str, int]:
     """Caption ``index`` of ``split`` (captions numbered record by record, as in evaluation): ``(text, identity)``."""
     ds = _load_dataset(root, format)
@@ -175,8 +216,16 @@ class SearchReport:
 def open_index(artifact: Artifact | Path, gallery: Path, *, index_dir: Path | None = None,
                files: Sequence[Path] | None = None, tag: str | None = None, device: str = "auto",
                batch_size: int = 32, providers: Sequence[str] | None = None, encoder: Encoder | None = None,
-               progress: Callable[[int, int], None] | None = None) -> GalleryIndex:
-    """A current index of ``gallery`` for ``artifact``: loaded, updated incrementally and saved."""
+               progress: Callable[[int, int], None] | None = None, index_kind: str | None = None,
+               index_params: Sequence[str] | Mapping[str, int] | None = None,
+               annotations: Mapping[Path, Mapping[str, int | None]] | None = None) -> GalleryIndex:
+    """A current index of ``gallery`` for ``artifact``: loaded, updated incrementally and saved.
+
+    ``index_kind`` (flat | hnsw | ivfpq | ivfsq8; default: the saved index's kind, flat for a new one) and
+    ``index_params`` (``KEY=VALUE`` strings or a mapping) choose the FAISS index; ``annotations`` (see
+    :func:`dataset_annotations`) are stored as the files' identity / camera.
+    """
+    spec = IndexSpec.parse(index_kind, index_params)
     gallery = Path(gallery)
     if not gallery.is_dir():
         what = "does not exist" if not gallery.exists() else "is not a folder"
@@ -185,7 +234,7 @@ def open_index(artifact: Artifact | Path, gallery: Path, *, index_dir: Path | No
     if encoder is None:
         encoder = open_encoder(art, device=device, providers=providers)
     index = GalleryIndex(gallery, encoder, artifact_hash(art), index_dir=index_dir, files=files, tag=tag,
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, progress=progress, spec=spec, annotations=annotations)
     stats = index.refresh()
     if stats.files == 0:
         raise UserError(f"{gallery}: no image files (.jpg, .jpeg, .png, .bmp, .webp) found; pass a folder of "
@@ -200,11 +249,18 @@ def search_gallery(artifact: Artifact | Path, gallery: Path, queries: Sequence[s
                    device: str = "auto", batch_size: int = 32, providers: Sequence[str] | None = None,
                    identities: Mapping[Path, int] | None = None,
                    expected_ids: Sequence[int | None] | None = None, encoder: Encoder | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> SearchReport:
+                   progress: Callable[[int, int], None] | None = None,
+                   where: Mapping[str, Any] | Sequence[str] | None = None, index_kind: str | None = None,
+                   index_params: Sequence[str] | Mapping[str, int] | None = None,
+                   annotations: Mapping[Path, Mapping[str, int | None]] | None = None) -> SearchReport:
     """Rank the gallery's images for each query text.
 
     ``identities``: resolved image path -> identity (see :func:`dataset_identities`); ``expected_ids``: the
     identity each query describes (one per query, or None). With both, each hit says whether it is correct.
+    ``where``: only files whose stored metadata match (``{"camera": 3}`` or ``["camera=3"]``, ANDed; columns in
+    :data:`~tbps_compress.retrieval.index.WHERE_COLUMNS`). ``annotations``: stored identity / camera per file
+    (:func:`dataset_annotations`); identities default to theirs. ``index_kind`` / ``index_params``: see
+    :func:`open_index`.
     """
     if isinstance(queries, str):
         queries = [queries]
@@ -215,9 +271,17 @@ def search_gallery(artifact: Artifact | Path, gallery: Path, queries: Sequence[s
         raise UserError(f"--top-k must be a positive integer, got {top_k!r}")
     if expected_ids is not None and len(expected_ids) != len(queries):
         raise ValueError(f"expected_ids has {len(expected_ids)} entries for {len(queries)} queries")
+    normalize_where(where)  # a malformed filter fails before the index is touched
+    IndexSpec.parse(index_kind, index_params)
+    if identities is None and annotations is not None:
+        identities = {p: int(a["identity"]) for p, a in annotations.items() if a.get("identity") is not None}
     index = open_index(artifact, gallery, index_dir=index_dir, files=files, tag=tag, device=device,
-                       batch_size=batch_size, providers=providers, encoder=encoder, progress=progress)
-    ranked = index.search(queries, top_k)
+                       batch_size=batch_size, providers=providers, encoder=encoder, progress=progress,
+                       index_kind=index_kind, index_params=index_params, annotations=annotations)
+    try:
+        ranked = index.search(queries, top_k, where=where)
+    finally:
+        index.close()
     results = []
     for qi, (query, hits) in enumerate(zip(queries, ranked, strict=True)):
         expected = expected_ids[qi] if expected_ids is not None else None
@@ -227,7 +291,10 @@ def search_gallery(artifact: Artifact | Path, gallery: Path, queries: Sequence[s
             correct = None if pid is None or expected is None else pid == expected
             out.append(Hit(rank, path, score, pid, correct))
         results.append(SearchResult(query, out, expected))
-    return SearchReport(results, index.stats, index.index_dir, Path(gallery))
+    extra: dict[str, Any] = {"index_kind": index.kind, "index_params": index.params}
+    if where:
+        extra["where"] = where
+    return SearchReport(results, index.stats, index.index_dir, Path(gallery), extra)
 
 
 def format_results(report: SearchReport | Sequence[SearchResult], relative_to: Path | None = None) -> str:
@@ -444,14 +511,20 @@ def run_search(artifact: Path, query: str | None = None, *, gallery: Path | None
                sheet: Path | None = None, html_out: Path | None = None, index: Path | None = None,
                device: str = "auto", data: Path | None = None, query_index: int | None = None,
                split: str = "test", expect_id: int | None = None, batch_size: int = 32,
-               progress: Callable[[int, int], None] | None = None) -> SearchReport:
+               progress: Callable[[int, int], None] | None = None,
+               where: Mapping[str, Any] | Sequence[str] | None = None, index_kind: str | None = None,
+               index_params: Sequence[str] | Mapping[str, int] | None = None) -> SearchReport:
     """What ``tbps-compress search`` does; the CLI prints :func:`format_results` of the returned report.
 
     - ``query`` or ``data`` + ``query_index`` (caption K of ``split``; its identity becomes the expected one).
     - Without ``gallery`` (only with ``data``) the gallery is the ``split`` images of the dataset.
-    - Identities come from ``data``, else from ``gallery`` when it is a dataset root; ``expect_id`` sets the
-      expected identity of a free-text query.
+    - Identities (and SynthPedes cameras) come from ``data``, else from ``gallery`` when it is a dataset root;
+      ``expect_id`` sets the expected identity of a free-text query.
+    - ``where`` filters on the stored metadata (``["camera=3"]``); ``index`` is the index folder, ``index_kind`` /
+      ``index_params`` the FAISS index (see :func:`open_index`). Both are checked before any work.
     """
+    normalize_where(where)
+    IndexSpec.parse(index_kind, index_params)
     if query_index is not None and data is None:
         if gallery is not None and _is_dataset_root(gallery):
             data = gallery
@@ -477,16 +550,18 @@ def run_search(artifact: Path, query: str | None = None, *, gallery: Path | None
             raise UserError(f"{ds.annotation}: no images in split '{split}' (splits present: "
                             f"{', '.join(ds.splits())})")
         gallery, files, tag = ds.root, [ds.image_path(r) for r in recs], f"split-{split}"
-    identities = None
+    identities = annotations = None
     id_source = data if data is not None else (gallery if _is_dataset_root(gallery) else None)
     if id_source is not None:
-        identities = dataset_identities(id_source)
+        annotations = dataset_annotations(id_source)
+        identities = {p: a["identity"] for p, a in annotations.items()}
     elif expected is not None:
         raise UserError("--expect-id needs the gallery's identities: pass --data ROOT (the dataset the gallery "
                         "images come from) or a gallery that is a dataset root")
     report = search_gallery(artifact, gallery, [query], top_k, index_dir=index, files=files, tag=tag,
                             device=device, batch_size=batch_size, identities=identities,
-                            expected_ids=[expected], progress=progress)
+                            expected_ids=[expected], progress=progress, where=where, index_kind=index_kind,
+                            index_params=index_params, annotations=annotations)
     if sheet is not None:
         report.extra["sheet"] = render_sheet(report, sheet)
     if html_out is not None:

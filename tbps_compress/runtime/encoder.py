@@ -4,9 +4,14 @@ Artifact files read by :class:`OnnxEncoder` (all relative to the artifact folder
 
 - ``image_encoder.onnx``: input ``image`` (N, 3, H, W) float32 -> output ``embedding`` (N, D), L2-normalised.
 - ``text_encoder.onnx``: input ``text`` (N, L) int64 -> output ``embedding`` (N, D), L2-normalised.
-- ``preprocess.json``: a :class:`~tbps_compress.runtime.preprocess.PreprocessConfig` dict.
-- ``tokenizer.json``: ``{"context_length": int, "vocab_file": "bpe_simple_vocab_16e6.txt.gz",
-  "vocab_map_file": "vocab_map.json" (optional), "unk_id": int (optional)}``. ``vocab_map.json`` is either a dict
+- ``preprocess.json``: the export's client document (format 2: ``image`` / ``text`` / ``output`` sections, read by
+  :class:`~tbps_compress.runtime.preprocess.PreprocessConfig` and, for ``text.context_length``, by
+  :func:`load_tokenizer`), or an earlier export's flat ``PreprocessConfig`` dict.
+- ``tokenizer.json``: a Hugging Face ``tokenizers`` file with CLIP's BPE; the runtime takes the merges and the
+  context length (``truncation.max_length``) from it and tokenises with :class:`BPETokenizer` (open_clip's exact
+  ids); the text graph takes standard CLIP ids. Earlier exports hold ``{"context_length": int, "vocab_file":
+  "bpe_simple_vocab_16e6.txt.gz", "vocab_map_file": "vocab_map.json" (optional), "unk_id": int (optional)}``
+  instead, and a pruned model's ids are remapped by the tokenizer: ``vocab_map.json`` is either a dict
   ``{"<original id>": new id}`` or a list of original ids in new-id order (``list[new_id] = original_id``).
 
 Each tower is loaded on first use, so a text-search-only deployment needs only the text files. onnxruntime itself
@@ -87,15 +92,41 @@ def _read_vocab_map(path: Path) -> dict[int, int]:
 
 
 def load_tokenizer(artifact_dir: str | Path) -> BPETokenizer:
-    """Build the tokenizer described by ``artifact_dir/tokenizer.json``."""
+    """Build the tokenizer of an exported artifact: from ``tokenizer.json`` (a Hugging Face ``tokenizers`` file, with
+    ``preprocess.json``'s ``text.context_length`` when present), or from an earlier export's settings file."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / TOKENIZER_FILE
     cfg = _read_json(path)
     if not isinstance(cfg, dict):
         raise RuntimeConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}; {_REEXPORT}")
+    if "model" not in cfg:
+        return _load_legacy_tokenizer(artifact_dir, path, cfg)
+    trunc, pad = cfg.get("truncation"), cfg.get("padding")
+    ctx = trunc.get("max_length") if isinstance(trunc, dict) else None
+    strategy = pad.get("strategy") if isinstance(pad, dict) else None
+    fixed = strategy.get("Fixed") if isinstance(strategy, dict) else None
+    if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 2 or fixed != ctx:
+        raise RuntimeConfigError(f"{path}: expected truncation.max_length and a fixed padding length, equal and >= 2 "
+                                 f"(got {ctx!r} and {fixed!r}); {_REEXPORT}")
+    pre = artifact_dir / PREPROCESS_FILE
+    if pre.is_file():
+        doc = _read_json(pre)
+        text = doc.get("text") if isinstance(doc, dict) else None
+        if isinstance(text, dict) and text.get("context_length") != ctx:
+            raise RuntimeConfigError(f"{pre}: text.context_length is {text.get('context_length')!r} but {path} "
+                                     f"truncates to {ctx}; {_REEXPORT}")
+    try:
+        return BPETokenizer(path, context_length=ctx)
+    except ValueError as exc:
+        raise RuntimeConfigError(f"{exc}; {_REEXPORT}") from exc
+
+
+def _load_legacy_tokenizer(artifact_dir: Path, path: Path, cfg: dict[str, Any]) -> BPETokenizer:
+    """An earlier export's ``tokenizer.json``: ``{"context_length", "vocab_file", ["vocab_map_file", "unk_id"]}``."""
     unknown = sorted(set(cfg) - set(_TOKENIZER_KEYS))
     if unknown:
-        raise RuntimeConfigError(f"{path}: unknown key(s) {unknown}; allowed keys are {list(_TOKENIZER_KEYS)}")
+        raise RuntimeConfigError(f"{path}: unknown key(s) {unknown}; allowed keys are {list(_TOKENIZER_KEYS)} "
+                                 "(or a Hugging Face tokenizers file)")
     ctx = cfg.get("context_length")
     if not isinstance(ctx, int) or isinstance(ctx, bool) or ctx < 2:
         raise RuntimeConfigError(f"{path}: 'context_length' must be an int >= 2, got {ctx!r}; {_REEXPORT}")
@@ -150,6 +181,7 @@ class OnnxEncoder:
         self._sessions: dict[str, Any] = {}
         self._preprocess: PreprocessConfig | None = None
         self._tokenizer: BPETokenizer | None = None
+        self._outputs_normalized: bool | None = None
 
     # -- lazily loaded parts ------------------------------------------------------------------------------------------
 
@@ -164,6 +196,18 @@ class OnnxEncoder:
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.artifact_dir)
         return self._tokenizer
+
+    @property
+    def outputs_normalized(self) -> bool:
+        """Whether ``preprocess.json`` (format 2) says the graphs' outputs are L2-normalised: they are then returned
+        as the graph wrote them (bit for bit what any other client of the files gets); else they are normalised
+        here (earlier exports)."""
+        if self._outputs_normalized is None:
+            path = self.artifact_dir / PREPROCESS_FILE
+            doc = _read_json(path) if path.is_file() else None
+            output = doc.get("output") if isinstance(doc, dict) else None
+            self._outputs_normalized = isinstance(output, dict) and output.get("l2_normalized") is True
+        return self._outputs_normalized
 
     def _session(self, filename: str, input_name: str) -> Any:
         session = self._sessions.get(filename)
@@ -238,12 +282,12 @@ class OnnxEncoder:
             outs.append(session.run(["embedding"], {"text": tokens})[0])
         return self._finish(session, outs)
 
-    @staticmethod
-    def _finish(session: Any, outs: list[np.ndarray]) -> np.ndarray:
+    def _finish(self, session: Any, outs: list[np.ndarray]) -> np.ndarray:
         if not outs:
             dim = session.get_outputs()[0].shape[-1]
             return np.zeros((0, dim if isinstance(dim, int) else 0), dtype=np.float32)
-        return l2_normalize(np.concatenate(outs, axis=0))
+        out = np.concatenate(outs, axis=0)
+        return out.astype(np.float32, copy=False) if self.outputs_normalized else l2_normalize(out)
 
 
 def cosine_topk(

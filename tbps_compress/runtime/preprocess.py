@@ -4,6 +4,10 @@
 ``Compose([Resize((H, W), interpolation=BICUBIC), ToTensor(), Normalize(mean, std)])`` on PIL images: a resize to
 exactly ``(H, W)`` with Pillow (which is what torchvision calls for PIL input), ``/ 255`` in float32, then
 ``(x - mean) / std`` per channel in float32.
+
+``preprocess.json`` of an export (format 2) is a document for clients with ``image``, ``text`` and ``output``
+sections (see :func:`tbps_compress.export.onnx_export.preprocess_document`); :meth:`PreprocessConfig.from_dict`
+reads its ``image`` section, or the flat ``{"image_size", "mean", "std", "resize"}`` of earlier exports.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
+    "PREPROCESS_FORMAT",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "RESAMPLING",
@@ -41,6 +46,11 @@ RESAMPLING: dict[str, int] = {
 }
 
 _KEYS = ("image_size", "mean", "std", "resize")
+PREPROCESS_FORMAT = 2  # the "format" of preprocess.json documents this version writes and reads
+# Keys of a format-2 "image" section, and the values the runtime (and the exported graph) expects for the fixed ones.
+_IMAGE_KEYS = ("input", "image_size_hw", "resize", "resize_rule", "channel_order", "layout", "dtype", "scale", "mean",
+               "std")
+_IMAGE_FIXED = {"input": "image", "channel_order": "RGB", "layout": "NCHW", "dtype": "float32"}
 
 
 def _int_pair(value: Any, key: str) -> tuple[int, int]:
@@ -105,15 +115,44 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreprocessConfig:
-        """Build from a dict such as ``to_dict()`` wrote; unknown or missing keys are a ``ValueError``."""
+        """Build from a dict such as ``to_dict()`` wrote, or from a format-2 ``preprocess.json`` document (its
+        ``image`` section); unknown or missing keys are a ``ValueError``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"preprocess config: expected a JSON object, got {type(data).__name__}")
+        if "image" in data or "format" in data:
+            return cls._from_document(data)
         unknown = sorted(set(data) - set(_KEYS))
         if unknown:
             raise ValueError(f"preprocess config: unknown key(s) {unknown}; allowed keys are {list(_KEYS)}")
         if "image_size" not in data:
             raise ValueError("preprocess config 'image_size': missing (expected [height, width])")
         return cls(**dict(data))
+
+    @classmethod
+    def _from_document(cls, data: Mapping[str, Any]) -> PreprocessConfig:
+        fmt = data.get("format")
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or not 1 < fmt <= PREPROCESS_FORMAT:
+            raise ValueError(f"preprocess config 'format': got {fmt!r}, this version reads format "
+                             f"{PREPROCESS_FORMAT} (a newer tbps-compress wrote it, or the file was edited)")
+        section = data.get("image")
+        if not isinstance(section, Mapping):
+            raise ValueError("preprocess config 'image': missing or not an object (expected the image section)")
+        unknown = sorted(set(section) - set(_IMAGE_KEYS))
+        if unknown:
+            raise ValueError(f"preprocess config 'image': unknown key(s) {unknown}; allowed keys are "
+                             f"{list(_IMAGE_KEYS)}")
+        for key, expected in _IMAGE_FIXED.items():
+            if key in section and section[key] != expected:
+                raise ValueError(f"preprocess config 'image.{key}': got {section[key]!r}, the runtime supports "
+                                 f"{expected!r} only")
+        if "image_size_hw" not in section:
+            raise ValueError("preprocess config 'image.image_size_hw': missing (expected [height, width])")
+        kwargs = {k: section[k] for k in ("mean", "std", "resize") if k in section}
+        try:
+            return cls(image_size=section["image_size_hw"], **kwargs)
+        except ValueError as exc:
+            msg = str(exc).replace("preprocess config '", "preprocess config 'image.", 1)
+            raise ValueError(msg.replace("'image.image_size'", "'image.image_size_hw'", 1)) from None
 
     @property
     def height(self) -> int:

@@ -15,7 +15,9 @@ Optional dependencies (neither imports torch):
   ftfy does is applied (NFC normalisation, curly quotes straightened, Latin ligatures split), so texts with mojibake,
   full-width characters or control characters may tokenise differently from open_clip.
 
-Only numpy and the standard library are required.
+Only numpy and the standard library are required. The merges come from open_clip's ``bpe_simple_vocab_16e6.txt.gz``
+or from an exported ``tokenizer.json`` (a Hugging Face ``tokenizers`` file holding the same BPE; read as JSON here,
+the ``tokenizers`` package is not needed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
+import json
 import logging
 import re
 import unicodedata
@@ -43,7 +46,8 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BPETokenizer", "clean_caption", "default_vocab_path", "VOCAB_FILENAME", "SOT_TOKEN", "EOT_TOKEN"]
+__all__ = ["BPETokenizer", "CAPTION_CLEAN_CHARS", "clean_caption", "default_vocab_path", "VOCAB_FILENAME", "SOT_TOKEN",
+           "EOT_TOKEN"]
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 SOT_TOKEN = "<start_of_text>"
@@ -58,7 +62,9 @@ _CACHE_LIMIT = 200_000
 # text cleaning
 # ---------------------------------------------------------------------------------------------------------------------
 
-_CAPTION_PUNCT = re.compile(r'[.!"()*#:;~]')
+# The characters TBPS-CLIP's caption cleaning replaces by a space (also written into exported preprocess.json).
+CAPTION_CLEAN_CHARS: tuple[str, ...] = (".", "!", '"', "(", ")", "*", "#", ":", ";", "~")
+_CAPTION_PUNCT = re.compile("[" + re.escape("".join(CAPTION_CLEAN_CHARS)) + "]")
 
 
 def clean_caption(text: str) -> str:
@@ -198,7 +204,12 @@ def default_vocab_path() -> Path:
     )
 
 
-def _load_merges(path: Path) -> list[tuple[str, str]]:
+def _load_merges(path: Path) -> tuple[list[tuple[str, str]], dict[str, int] | None]:
+    """The first :data:`_NUM_MERGES` merges of a BPE file: open_clip's gzip'd merges list, or a Hugging Face
+    ``tokenizer.json`` (``.json``; its ``model.merges`` in ``"a b"`` or ``["a", "b"]`` form). Also returns the
+    ``tokenizer.json``'s vocabulary (token -> id), ``None`` for the gzip file."""
+    if path.suffix == ".json":
+        return _load_hf_json(path)
     try:
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             lines = fh.read().split("\n")
@@ -214,7 +225,29 @@ def _load_merges(path: Path) -> list[tuple[str, str]]:
         merges.append((parts[0], parts[1]))
     if len(merges) != _NUM_MERGES:
         raise ValueError(f"{path}: expected {_NUM_MERGES} BPE merges after the header line, found {len(merges)}")
-    return merges
+    return merges, None
+
+
+def _load_hf_json(path: Path) -> tuple[list[tuple[str, str]], dict[str, int]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        raise ValueError(f"{path}: not a Hugging Face tokenizers file with a BPE model ('model.type' = 'BPE')")
+    raw, vocab = model.get("merges"), model.get("vocab")
+    if not isinstance(raw, list) or not isinstance(vocab, dict):
+        raise ValueError(f"{path}: 'model.merges' must be a list and 'model.vocab' an object")
+    merges: list[tuple[str, str]] = []
+    for i, entry in enumerate(raw[:_NUM_MERGES]):
+        parts = entry.split(" ") if isinstance(entry, str) else entry
+        if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+            raise ValueError(f"{path}: model.merges[{i}] is not a BPE merge ('a b' or ['a', 'b']): {entry!r}")
+        merges.append((parts[0], parts[1]))
+    if len(merges) != _NUM_MERGES:
+        raise ValueError(f"{path}: expected at least {_NUM_MERGES} BPE merges in model.merges, found {len(merges)}")
+    return merges, vocab
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -226,8 +259,9 @@ class BPETokenizer:
     """CLIP BPE tokenizer (open_clip ``SimpleTokenizer`` compatible) returning numpy arrays.
 
     Args:
-        vocab_path: gzip'd BPE merges file (``bpe_simple_vocab_16e6.txt.gz``). ``None`` uses the copy inside the
-            installed open_clip package (found without importing open_clip).
+        vocab_path: gzip'd BPE merges file (``bpe_simple_vocab_16e6.txt.gz``), or a Hugging Face ``tokenizer.json``
+            holding the same BPE (as exports write; its vocabulary must give CLIP's ids). ``None`` uses the
+            merges file inside the installed open_clip package (found without importing open_clip).
         context_length: row length of :meth:`__call__` output.
         vocab_map: optional remapping ``original id -> new id`` (vocabulary pruning), applied to every non-padding
             position (SOT and EOT included) by :meth:`__call__`; padding stays 0.
@@ -248,11 +282,16 @@ class BPETokenizer:
             raise FileNotFoundError(f"{self.vocab_path}: BPE vocabulary file not found; pass vocab_path=")
         self.context_length = context_length
 
-        merges = _load_merges(self.vocab_path)
+        merges, file_vocab = _load_merges(self.vocab_path)
         vocab = list(_BASE_SYMBOLS) + [s + "</w>" for s in _BASE_SYMBOLS] + [a + b for a, b in merges]
         vocab += list(_SPECIAL_TOKENS)
         self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
+        if file_vocab is not None and file_vocab != self.encoder:
+            wrong = [t for t, i in self.encoder.items() if file_vocab.get(t) != i]
+            raise ValueError(f"{self.vocab_path}: 'model.vocab' does not give CLIP's ids ({len(wrong)} token(s) "
+                             f"differ, e.g. {wrong[:3]}) or holds extra tokens")
         self.decoder: dict[int, str] = {i: tok for tok, i in self.encoder.items()}
+        self.merges: list[tuple[str, str]] = merges
         self._ranks: dict[tuple[str, str], int] = {pair: r for r, pair in enumerate(merges)}
         self.vocab_size = len(vocab)
         self.sot_token_id = self.encoder[SOT_TOKEN]
