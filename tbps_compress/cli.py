@@ -447,11 +447,19 @@ def search(
     split: Annotated[str, typer.Option("--split", help="Dataset split for --data.")] = "test",
     expect_id: Annotated[int | None, typer.Option("--expect-id", "--query-id", help="Identity to mark.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    force: ForceOpt = False,
 ) -> None:
     """Search a gallery of person crops with a sentence (index built once, updated incrementally)."""
+    from .devices import check_device
+    from .io_utils import IMAGE_SUFFIXES, check_output_file
     from .retrieval.index import INDEX_KINDS
     from .retrieval.search import format_results, run_search
 
+    check_device(device)
+    if sheet is not None:
+        check_output_file(sheet, force=force, flag="--sheet", suffixes=IMAGE_SUFFIXES, example="sheet.png")
+    if html is not None:
+        check_output_file(html, force=force, flag="--html", suffixes=(".html", ".htm"), example="results.html")
     if index is not None and index not in INDEX_KINDS:
         raise UserError(f"--index {index}: unknown index kind; choose one of {', '.join(INDEX_KINDS)} (an index "
                         "folder is now given with --index-dir)")
