@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from tbps_compress.io_utils import write_text_atomic
 
 
 def markdown(root: Path, result: dict[str, Any]) -> str:
@@ -33,14 +34,6 @@ def markdown(root: Path, result: dict[str, Any]) -> str:
             lines.append(f"| {fam} | {row['queries']} | {row['pairs']} | {auc} |")
     return "\n".join(lines) + "\n"
 
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out_md.parent.mkdir(parents=True, exist_ok=True)
-    _write(out_md, "# Attribute-oracle ceilings\n\n" + "\n".join(sections))
-    _write(out_json, json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out_md, force=True, text="# Attribute-oracle ceilings\n\n" + "\n".join(sections))
+    write_text_atomic(out_json, force=True, text=json.dumps(results, indent=2) + "\n")
     print(f"wrote {out_md} and {out_json}")
     return 0
 

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from tbps_compress.errors import UserError
+from tbps_compress.io_utils import write_text_atomic
 
 log = logging.getLogger("search_scale")
 
@@ -278,14 +279,6 @@ def _outputs(out: Path, force: bool) -> tuple[Path, Path]:
     return md, js
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -330,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     text = to_markdown(result)
-    _write(js, json.dumps(result, indent=2) + "\n")
-    _write(md, text)
+    write_text_atomic(js, force=True, text=json.dumps(result, indent=2) + "\n")
+    write_text_atomic(md, force=True, text=text)
     print(text)
     print(f"wrote {md} and {js}")
     return 0
