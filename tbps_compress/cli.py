@@ -475,30 +475,6 @@ def _fmt_auc(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _check_json_out(out: Path | None, force: bool) -> None:
-    """Refuse an existing ``--out`` without --force and a missing parent folder, before any work."""
-    if out is None:
-        return
-    if out.exists() and not force:
-        raise UserError(f"--out {out}: file exists; pass --force to replace it or choose another path")
-    if out.exists() and not out.is_file():
-        raise UserError(f"--out {out}: exists and is not a file; choose a file path such as diagnosis.json")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it or choose another path")
-
-
-def _write_json_atomic(out: Path, data: object) -> None:
-    """Write JSON to a temporary sibling, then rename it over ``out`` (never a half-written file)."""
-    import os
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _load_split_truth(root: Path, split: str) -> dict:
     """The dataset's ground truth, or one user-error line naming the file, the split and the splits present."""
     from .data.synthpedes import load_truth
@@ -555,7 +531,12 @@ def diagnose_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Per-attribute AUCs of an artifact against the ground truth, next to the oracle's (which attributes it loses)."""
-    _check_json_out(out, force)
+    from .devices import check_device
+    from .io_utils import check_output_file, write_text_atomic
+
+    check_device(device)
+    if out is not None:
+        check_output_file(out, force=force, flag="--out", example="diagnosis.json")
     _setup_logging()
     from rich.console import Console
     from rich.table import Table
@@ -573,7 +554,8 @@ def diagnose_cmd(
         table.add_row(fam, str(row["queries"]), _fmt_auc(row["auc"]), _fmt_auc(oracle.get(fam, {}).get("auc")))
     Console().print(table)
     if out is not None:
-        _write_json_atomic(out, {"artifact": str(artifact), "data": str(data), **result})
+        write_text_atomic(out, json.dumps({"artifact": str(artifact), "data": str(data), **result}, indent=2) + "\n",
+                          force=force, flag="--out")
         typer.echo(f"wrote {out}")
 
 
