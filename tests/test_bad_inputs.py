@@ -240,7 +240,7 @@ def artifact_bad_model_config(ctx: Ctx) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ ONNX
-def onnx_model(tower: str, input_name: str | None = None) -> bytes:
+def onnx_model(tower: str, input_name: str | None = None, hw: tuple[int, int] = (64, 32)) -> bytes:
     """A tiny valid ONNX encoder: image (N,3,64,32) -> mean colour, or text (N,77) int64 -> a linear map; output
     ``embedding`` (N,3)."""
     import numpy as np
@@ -248,7 +248,7 @@ def onnx_model(tower: str, input_name: str | None = None) -> bytes:
     from onnx import TensorProto, helper, numpy_helper
 
     if tower == "image":
-        inp = helper.make_tensor_value_info(input_name or "image", TensorProto.FLOAT, ["N", 3, 64, 32])
+        inp = helper.make_tensor_value_info(input_name or "image", TensorProto.FLOAT, ["N", 3, *hw])
         nodes = [helper.make_node("GlobalAveragePool", [inp.name], ["p"]),
                  helper.make_node("Flatten", ["p"], ["embedding"])]
         inits = []
@@ -290,6 +290,12 @@ def onnx_truncated(ctx: Ctx) -> None:
 
 def onnx_wrong_inputs(ctx: Ctx) -> None:
     write_onnx_artifact(ctx.w / "onnx", image=onnx_model("image", input_name="pixels"))
+
+
+def onnx_preprocess_disagrees(ctx: Ctx) -> None:
+    write_onnx_artifact(ctx.w / "onnx", image=onnx_model("image", hw=(32, 32)))
+    gallery = ctx.w / "gallery"
+    shutil.copytree(ctx.data / "imgs" / "test", gallery)
 
 
 def onnx_truncated_with_gallery(ctx: Ctx) -> None:
@@ -508,6 +514,12 @@ CASES: list[tuple[str, Callable[[Ctx], None], list[str], list[str]]] = [
      ["{w}/onnx/image_encoder.onnx"]),
     ("onnx-wrong-inputs-eval", onnx_wrong_inputs, ["eval", "{w}/onnx", "--data", "{data}", "--device", "cpu"],
      ["{w}/onnx/image_encoder.onnx", "'image'", "pixels"]),
+    ("onnx-preprocess-disagrees-eval", onnx_preprocess_disagrees,
+     ["eval", "{w}/onnx", "--data", "{data}", "--device", "cpu"],
+     ["{w}/onnx/preprocess.json", "[64, 32]", "[32, 32]"]),
+    ("onnx-preprocess-disagrees-search", onnx_preprocess_disagrees,
+     ["search", "{w}/onnx", "a man in a red jacket", "--gallery", "{w}/gallery"],
+     ["{w}/onnx/preprocess.json", "[64, 32]", "[32, 32]"]),
     ("onnx-truncated-quantize", onnx_truncated, ["quantize", "{w}/onnx", "--out", "{w}/out"],
      ["{w}/onnx/image_encoder.onnx"]),
     ("onnx-truncated-search", onnx_truncated_with_gallery,

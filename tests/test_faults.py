@@ -339,6 +339,37 @@ def test_full_disk_while_training_is_one_line(monkeypatch, train_recipe_data, tm
     assert not (tmp_path / "run").exists()
 
 
+def test_full_disk_leaves_no_half_row_in_the_training_log(tmp_path: Path) -> None:
+    """A full disk in the middle of a log row cuts the file back to its last whole row, so a resumed run's log
+    (appended to the same file) still parses."""
+    from tbps_compress.engine.train import _CsvLog
+
+    path = tmp_path / "train_log.csv"
+    log = _CsvLog(path)
+    log.write({"step": 1, "loss": 4.5})
+    before = path.read_bytes()
+
+    class HalfWrite:
+        def __init__(self, raw):
+            self.raw = raw
+
+        def write(self, data):
+            self.raw.write(bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.raw, name)
+
+    log._f = HalfWrite(log._f)
+    with pytest.raises(OSError, match="No space left"):
+        log.write({"step": 2, "loss": 4.25})
+    assert path.read_bytes() == before
+    log._f = log._f.raw
+    log.write({"step": 3, "loss": 4.0})
+    log.close()
+    assert path.read_text().splitlines() == ["step,loss", "1,4.5", "3,4"]
+
+
 def _tiny_checkpoint(path: Path) -> Path:
     from tbps_compress.models.factory import build_model
 

@@ -243,10 +243,12 @@ def test_gallery_errors(tmp_path, artifacts, encoder_a):
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(UserError, match="no image files"):
         search_gallery(artifacts[0], tmp_path / "empty", QUERY, encoder=encoder_a)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["readme.txt"]  # no index left behind
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"junk")
     with pytest.raises(UserError, match="could be read"):
         search_gallery(artifacts[0], tmp_path / "bad", QUERY, encoder=encoder_a)
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["x.png"]
     _gallery(tmp_path / "ok", n=2)
     with pytest.raises(UserError, match="query"):
         search_gallery(artifacts[0], tmp_path / "ok", "  ", encoder=encoder_a)

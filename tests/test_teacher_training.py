@@ -99,6 +99,58 @@ def test_student_inherits_the_stem() -> None:
         inherit_weights(teacher, other)
 
 
+def test_residual_trunk_stem_builds_counts_prunes_exports_and_is_inherited(tmp_path: Path) -> None:
+    """``stem_blocks`` adds residual basic blocks after each stride-2 stage (a hybrid CNN + ViT image tower)."""
+    from tbps_compress.models.stem import BasicBlock
+
+    torch.manual_seed(0)
+    cfg = _stem_cfg()
+    cfg["vision_cfg"]["stem_blocks"] = 2
+    cfg = validate_model_config(cfg)
+    model = build_model(cfg).eval()
+    blocks = [m for m in model.visual.conv1.stem if isinstance(m, BasicBlock)]
+    assert len(blocks) == 4  # 2 per stage x 2 stages
+    x = _batch()["image"]
+    with torch.no_grad():  # zero-initialised last BN: each block starts as the identity (plus a ReLU)
+        y = blocks[0](torch.relu(torch.randn(2, 8, 32, 16)))
+    assert y.shape == (2, 8, 32, 16)
+    extra = 2 * (2 * 32 * 16 * 8 * 8 * 9) + 2 * (2 * 16 * 8 * 16 * 16 * 9)  # two blocks at each stage's resolution
+    assert count_macs(cfg)["vision"] == count_macs(_stem_cfg())["vision"] + extra
+
+    src = tmp_path / "a"
+    with write_artifact(src, stage="train") as tmp:
+        save_model(model, tmp)
+    assert torch.equal(load_model(src).encode_image(x), model.encode_image(x))
+    assert load_model(src).tbps_config["vision_cfg"]["stem_blocks"] == 2
+    s_cfg = validate_model_config({**cfg, "vision_cfg": {**cfg["vision_cfg"], "width": 32, "layers": 1}})
+    student = inherit_weights(model, s_cfg)
+    assert torch.equal(student.visual.conv1.stem[3].conv1.weight, model.visual.conv1.stem[3].conv1.weight)
+    with pytest.raises(InheritanceError, match="stem_blocks"):
+        inherit_weights(model, _stem_cfg())
+    prune.prune_model(model, prune.PruneCfg(vision={"width_ratio": 0.5}), _batch())
+    assert model.visual.conv1.out_channels == 32
+    assert export_onnx_model_diff(model, tmp_path) < 1e-4
+
+
+def export_onnx_model_diff(model, tmp_path: Path) -> float:
+    out = tmp_path / "pruned"
+    with write_artifact(out, stage="prune") as tmp:
+        save_model(model, tmp)
+    return export_onnx(out, tmp_path / "onnx")["max_diff"]
+
+
+@pytest.mark.parametrize("blocks, channels, needle", [(-1, [8, 16], "non-negative"), (True, [8, 16], "non-negative"),
+                                                      (1, None, "needs 'vision_cfg.stem_channels'")])
+def test_bad_stem_blocks_are_named(blocks, channels, needle) -> None:
+    cfg = get_model_config("test-tiny")
+    if channels:
+        cfg["vision_cfg"]["stem_channels"] = channels
+    cfg["vision_cfg"]["stem_blocks"] = blocks
+    with pytest.raises(ConfigError, match="vision_cfg.stem_blocks") as err:
+        validate_model_config(cfg)
+    assert needle in str(err.value)
+
+
 def test_mirrored_view_swaps_left_and_right() -> None:
     assert swap_left_right("a bag on her left shoulder, phone in the right hand; leftover") == \
         "a bag on her right shoulder, phone in the left hand; leftover"

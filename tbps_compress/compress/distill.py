@@ -259,11 +259,13 @@ def _select_layers(n_t: int, n_s: int, how: str, scores: Tensor | None) -> list[
 def _stem_state(teacher: nn.Module, t_cfg: dict[str, Any], s_cfg: dict[str, Any], ri: Tensor) -> dict[str, Tensor]:
     """The image stem's state: a convolutional stem (models.stem) is copied whole and its projection cut to the
     kept residual channels ``ri``; the student must have the teacher's stem."""
-    t_stem, s_stem = t_cfg["vision_cfg"].get("stem_channels"), s_cfg["vision_cfg"].get("stem_channels")
-    if t_stem != s_stem:
-        raise InheritanceError(
-            f"student vision_cfg.stem_channels: {s_stem} differs from the teacher's {t_stem}; weight inheritance "
-            "copies the convolutional stem, so give the student the teacher's stem or use student.init: random")
+    t_stem = t_cfg["vision_cfg"].get("stem_channels")
+    for key in ("stem_channels", "stem_blocks"):
+        mine, theirs = s_cfg["vision_cfg"].get(key), t_cfg["vision_cfg"].get(key)
+        if mine != theirs:
+            raise InheritanceError(
+                f"student vision_cfg.{key}: {mine} differs from the teacher's {theirs}; weight inheritance "
+                "copies the convolutional stem, so give the student the teacher's stem or use student.init: random")
     conv = teacher.visual.conv1
     if not t_stem:
         return {"visual.conv1.weight": conv.weight[ri]}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -814,14 +815,25 @@ class _CsvLog:
                 self._fields = next(csv.reader(f), None)
 
     def write(self, row: dict[str, Any]) -> None:
+        """Append one row; a write that fails (a full disk) is cut back so the file never ends in half a row."""
         if self._f is None:
-            new = self._fields is None
-            self._f = open(self.path, "a", newline="")  # noqa: SIM115 - kept open across steps
-            if new:
-                self._fields = list(row)
-                csv.writer(self._f).writerow(self._fields)
-        csv.writer(self._f).writerow([_cell(row.get(k)) for k in self._fields])
-        self._f.flush()
+            self._f = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open across steps
+        fields = self._fields if self._fields is not None else list(row)
+        lines = io.StringIO()
+        if self._fields is None:
+            csv.writer(lines).writerow(fields)
+        csv.writer(lines).writerow([_cell(row.get(k)) for k in fields])
+        data = lines.getvalue().encode("utf-8")
+        start = self._f.seek(0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._f.write(view):]
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._f.truncate(start)
+            raise
+        self._fields = fields
 
     def close(self) -> None:
         if self._f is not None:

@@ -20,7 +20,8 @@ _CONFIG_PACKAGE = "tbps_compress.models.configs"
 _REQUIRED = ("embed_dim", "vision_cfg", "text_cfg")
 _ALLOWED_TOP = {"description", "embed_dim", "quick_gelu", "vision_cfg", "text_cfg", "vision_blocks", "text_blocks",
                 "name"}
-_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "stem_channels"}
+_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "stem_channels",
+                "stem_blocks"}
 _TEXT_KEYS = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio"}
 
 
@@ -108,8 +109,17 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
                 f"{source}: 'vision_cfg.stem_channels' has {len(stem)} stride-2 layers, so patch_size "
                 f"{v['patch_size']} must be divisible by {2 ** len(stem)}; use fewer stem layers or a larger patch"
             )
+        blocks = v.get("stem_blocks", 0)
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+            raise ConfigError(f"{source}: 'vision_cfg.stem_blocks' must be a non-negative integer, got {blocks!r}")
+        if not blocks:
+            v.pop("stem_blocks", None)
     else:
+        if v.get("stem_blocks"):
+            raise ConfigError(f"{source}: 'vision_cfg.stem_blocks' needs 'vision_cfg.stem_channels' (the stages "
+                              "the residual blocks follow); add stem_channels or remove stem_blocks")
         v.pop("stem_channels", None)
+        v.pop("stem_blocks", None)
     if not cfg.get("vision_blocks") and v["width"] % v["head_width"]:
         raise ConfigError(
             f"{source}: vision width {v['width']} is not divisible by head_width {v['head_width']}; "

@@ -30,6 +30,7 @@ def _open_clip_model(cfg: dict[str, Any]) -> nn.Module:
     t = dict(cfg["text_cfg"])
     v["image_size"] = tuple(v["image_size"])
     stem = v.pop("stem_channels", None)
+    stem_blocks = int(v.pop("stem_blocks", 0) or 0)
     # Per-block sizes are applied after construction; build with head counts that always divide the width.
     if cfg.get("vision_blocks"):
         v["head_width"] = v["width"]
@@ -42,7 +43,7 @@ def _open_clip_model(cfg: dict[str, Any]) -> nn.Module:
         quick_gelu=bool(cfg.get("quick_gelu", False)),
     )
     if stem:
-        model.visual.conv1 = ConvStem(stem, v["width"], v["patch_size"])
+        model.visual.conv1 = ConvStem(stem, v["width"], v["patch_size"], stem_blocks)
     return model
 
 
@@ -168,7 +169,8 @@ def count_macs(cfg: dict[str, Any]) -> dict[str, int]:
             macs += 2 * tokens * tokens * inner  # scores and weighted values
             macs += 2 * tokens * width * blk["mlp_dim"]  # MLP
         if tower == "vision" and v.get("stem_channels"):
-            macs += stem_macs(v["stem_channels"], width, v["patch_size"], (h, w)) + width * cfg["embed_dim"]
+            macs += stem_macs(v["stem_channels"], width, v["patch_size"], (h, w),
+                               v.get("stem_blocks", 0)) + width * cfg["embed_dim"]
         elif tower == "vision":
             macs += (tokens - 1) * 3 * v["patch_size"] ** 2 * width + width * cfg["embed_dim"]
         else:

@@ -1349,13 +1349,21 @@ class GalleryIndex:
                 self.progress(done, len(todo))
         return out
 
-    def refresh(self) -> IndexStats:
-        """:meth:`load`, :meth:`update`, :meth:`save` under the folder's lock: the index is current and on disk."""
+    def refresh(self, require_images: bool = False) -> IndexStats:
+        """:meth:`load`, :meth:`update`, :meth:`save` under the folder's lock: the index is current and on disk.
+        With ``require_images``, a gallery without one readable image is a :class:`UserError` raised before the save,
+        so a first search of such a folder leaves no index behind."""
         self._check_gallery()
         with self.locked():
             loaded = self.load()
             stats = self.update()
             stats.rebuilt = not loaded
+            if require_images and stats.files == 0:
+                raise UserError(f"{self.gallery}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found; pass a "
+                                "folder of person crops")
+            if require_images and len(self) == 0:
+                raise UserError(f"{self.gallery}: none of the {stats.files} image files could be read; see the "
+                                "warnings above")
             self.save()
             self._tidy()
         return stats

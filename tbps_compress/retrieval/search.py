@@ -235,12 +235,7 @@ def open_index(artifact: Artifact | Path, gallery: Path, *, index_dir: Path | No
         encoder = open_encoder(art, device=device, providers=providers)
     index = GalleryIndex(gallery, encoder, artifact_hash(art), index_dir=index_dir, files=files, tag=tag,
                          batch_size=batch_size, progress=progress, spec=spec, annotations=annotations)
-    stats = index.refresh()
-    if stats.files == 0:
-        raise UserError(f"{gallery}: no image files (.jpg, .jpeg, .png, .bmp, .webp) found; pass a folder of "
-                        "person crops")
-    if len(index) == 0:
-        raise UserError(f"{gallery}: none of the {stats.files} image files could be read; see the warnings above")
+    index.refresh(require_images=True)
     return index
 
 

@@ -238,7 +238,19 @@ class OnnxEncoder:
 
     @property
     def image_session(self) -> Any:
-        return self._session(IMAGE_MODEL_FILE, "image")
+        session = self._session(IMAGE_MODEL_FILE, "image")
+        shape = session.get_inputs()[0].shape
+        want = tuple(self.preprocess_config.image_size)
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+            raise RuntimeConfigError(
+                f"{self.artifact_dir / IMAGE_MODEL_FILE}: image input has shape {list(shape)}, expected "
+                f"[batch, 3, height, width]; {_REEXPORT}")
+        got = tuple(shape[2:])
+        if all(isinstance(d, int) for d in got) and got != want:
+            raise RuntimeConfigError(
+                f"{self.artifact_dir / PREPROCESS_FILE}: image size [height, width] {list(want)} disagrees with "
+                f"{IMAGE_MODEL_FILE}'s input {list(got)}; {_REEXPORT}")
+        return session
 
     @property
     def text_session(self) -> Any:
