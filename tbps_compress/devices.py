@@ -1,16 +1,20 @@
 """Device names, checked without importing torch: commands refuse a bad ``--device`` before loading anything.
 
 Accepted: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` and ``cuda:N`` (N a GPU index). Whether
-CUDA is actually available is the business of :func:`tbps_compress.engine.train.resolve_device`, which needs torch.
+CUDA is actually available is checked by :func:`resolve_device`, which imports torch when called.
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from .errors import UserError
+from .errors import ConfigError, UserError
 
-__all__ = ["check_device"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["check_device", "resolve_device"]
 
 _CUDA_INDEX = re.compile(r"cuda:[0-9]+")
 
@@ -23,3 +27,17 @@ def check_device(name: str, *, flag: str = "--device", allow_auto: bool = True) 
         return text
     choices = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
     raise UserError(f"{flag} {text!r}: not a device; choose {choices} (N: a GPU index, e.g. cuda:0)")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name`` (checked by :func:`check_device`): ``auto`` is CUDA when available, else the
+    CPU; an explicit CUDA device without CUDA is a :class:`ConfigError`."""
+    import torch
+
+    check_device(name, flag="device")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{name}' requested but CUDA is not available; use device: cpu or auto")
+    return dev

@@ -53,11 +53,11 @@ def embed_with_artifact(artifact: Path, ds, records, *, device: str = "auto", ba
         img = encode_image_files(enc, paths, batch_size=batch_size)
         txt = enc.encode_texts([c for r in records for c in r.captions], batch_size=batch_size)
         return txt, text_pids, img, image_pids
-    from .data.readers import clean_caption
+    from .devices import resolve_device
     from .engine.evaluate import embed_split
-    from .engine.train import resolve_device
     from .models.io import load_model
     from .models.tokenizer import model_tokenizer
+    from .runtime.tokenizer import clean_caption
 
     dev = resolve_device(device)
     model = load_model(art, device=dev, verify=False)

@@ -13,7 +13,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tbps_compress.engine import dist
+from tbps_compress import distributed as dist
 from tbps_compress.losses import LossInputs, LossSet
 
 WORLD = 2

@@ -264,9 +264,10 @@ def test_cached_teacher_outputs_skip_the_teacher_forward() -> None:
 def test_teacher_cache_matches_online_and_refuses_another_teacher(tiny_dataset: Path, tiny_teacher_artifact: Path,
                                                                    tmp_path: Path) -> None:
     from tbps_compress.data.loader import ImageStore, TrainSet
-    from tbps_compress.data.readers import clean_caption, load_dataset
+    from tbps_compress.data.readers import load_dataset
     from tbps_compress.data.records import remap_ids
     from tbps_compress.models.io import load_model
+    from tbps_compress.runtime.tokenizer import clean_caption
 
     recipe = _tiny_recipe(tmp_path, tiny_dataset, tiny_teacher_artifact)
     teacher = load_model(tiny_teacher_artifact).eval()

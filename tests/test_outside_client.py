@@ -109,12 +109,12 @@ def pruned_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from tbps_compress.artifacts import write_artifact
-    from tbps_compress.data.readers import clean_caption
     from tbps_compress.export.onnx_export import export_onnx
     from tbps_compress.models.factory import build_model
     from tbps_compress.models.io import save_model
     from tbps_compress.models.tokenizer import get_tokenizer
     from tbps_compress.models.vocab import prune_vocabulary
+    from tbps_compress.runtime.tokenizer import clean_caption
 
     base = tmp_path_factory.mktemp("pruned")
     torch.manual_seed(5)

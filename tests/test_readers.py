@@ -15,7 +15,6 @@ from PIL import Image
 from tbps_compress.data.readers import (
     FORMATS,
     carve_val,
-    clean_caption,
     detect_format,
     ensure_val,
     list_formats,
@@ -23,6 +22,7 @@ from tbps_compress.data.readers import (
 )
 from tbps_compress.data.records import TBPSDataset
 from tbps_compress.errors import ConfigError, DataError, UserError
+from tbps_compress.runtime.tokenizer import clean_caption
 
 
 def make_image(path: Path) -> None:

@@ -18,10 +18,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from tbps_compress import distributed as dist
 from tbps_compress.artifacts import open_artifact
 from tbps_compress.config import load_recipe
 from tbps_compress.data.loader import identity_subset
-from tbps_compress.engine import dist
 from tbps_compress.engine.train import Interrupted, Progress, Trainer, lr_at
 from tbps_compress.errors import CheckpointError, ConfigError, UserError
 from tbps_compress.recipes import TrainRecipe
@@ -144,7 +144,9 @@ def test_resume_reproduces_the_uninterrupted_run(make_train_recipe, tmp_path: Pa
         "losses": {"n_itc": {"weight": 1.0}, "r_itc": {"weight": 1.0}, "mvs_i": {"weight": 0.5}},
         "tricks": {"text_attn_dropout": 0.1},
     }
+    torch.use_deterministic_algorithms(False)  # a caller's setting (tests that drive prepare() directly set it)
     a = Trainer(make_train_recipe(tmp_path / "a", **sections)).run()
+    assert not torch.are_deterministic_algorithms_enabled()  # the run's own setting does not leak to the caller
 
     recipe_b = make_train_recipe(tmp_path / "b", **sections)
     tr = Trainer(recipe_b)

@@ -559,11 +559,11 @@ class _CastModel:
 def _bench_torch(art: Any, case: BenchCase, ctx: _Context, row: dict[str, Any]) -> None:
     import torch
 
-    from ..data.readers import clean_caption
     from ..models.config import image_size_hw
     from ..models.io import load_model
     from ..models.tokenizer import model_tokenizer
     from ..runtime import cosine_topk
+    from ..runtime.tokenizer import clean_caption
 
     dev = torch.device(ctx.device)
     cuda = dev.type == "cuda"

@@ -580,9 +580,9 @@ def build_teacher_cache(
     from torch.utils.data import DataLoader
 
     from ..data.loader import ImageStore, TrainSet
-    from ..data.readers import clean_caption
     from ..data.records import remap_ids
     from ..models.tokenizer import get_tokenizer
+    from ..runtime.tokenizer import clean_caption
 
     path = Path(path)
     key = cache_key(recipe, records, views, image_size)
@@ -644,10 +644,10 @@ def build_teacher_cache(
 
 def _importance_batch(teacher: nn.Module, ds: Any, records: Sequence[Any], n: int) -> tuple[Tensor, Tensor]:
     from ..data.loader import load_image_resized
-    from ..data.readers import clean_caption
     from ..engine.evaluate import _normalize
     from ..models.config import image_size_hw
     from ..models.tokenizer import get_tokenizer
+    from ..runtime.tokenizer import clean_caption
 
     recs = list(records)[:n]
     size = image_size_hw(teacher.tbps_config)
@@ -714,15 +714,17 @@ def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_reco
 def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = False, progress: Any = None,
                 dataset: Any = None) -> Path:
     """Distil ``recipe.teacher.artifact`` into the recipe's student; returns the new artifact folder."""
+    from .. import distributed as dist
     from ..artifacts import WEIGHTS, check_output_dir
     from ..data.loader import identity_subset, steps_per_epoch
-    from ..data.readers import carve_val, clean_caption, load_dataset
-    from ..engine import dist
-    from ..engine.train import TeacherSpec, Trainer, resolve_device, train_views
+    from ..data.readers import carve_val, load_dataset
+    from ..devices import resolve_device
+    from ..engine.train import TeacherSpec, Trainer, train_views
     from ..losses import LossSet
     from ..models.config import image_size_hw
     from ..models.factory import count_macs, count_parameters
     from ..models.tokenizer import get_tokenizer
+    from ..runtime.tokenizer import clean_caption
 
     r = recipe
     teacher_path = Path(r.teacher.artifact)

@@ -195,9 +195,9 @@ def make_retrieval_probe(model: nn.Module, ds: Any, records: Sequence[Any], *, b
                          device: str | torch.device = "cpu") -> RetrievalProbe:
     """A :class:`RetrievalProbe` over ``records`` (images decoded once, captions cleaned and tokenised)."""
     from ..data.loader import ImageStore
-    from ..data.readers import clean_caption
     from ..models.config import image_size_hw
     from ..models.tokenizer import get_tokenizer
+    from ..runtime.tokenizer import clean_caption
 
     cfg = model.tbps_config
     store = ImageStore([ds.image_path(r) for r in records], image_size_hw(cfg), cache=True)
@@ -293,7 +293,7 @@ def probe(
         and tower with ``tower``, ``layer``, ``r1_removed``, ``drop``, ``c1``, ``c2``.
     """
     from ..artifacts import open_artifact
-    from ..engine.train import resolve_device
+    from ..devices import resolve_device
     from ..models.factory import tower_blocks
     from ..models.io import load_model
 

@@ -45,12 +45,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..config import Strict
 from ..errors import ConfigError, UserError
-from ..recipes import TrainRecipe
+from ..recipes import ModelCfg, TrainRecipe
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +145,20 @@ class PruneRecipe(TrainRecipe):
     output: str = Field("runs/pruned", description="Artifact folder to write.")
     teacher: TeacherRef = Field(..., description="The frozen teacher used for recovery.")
     source: str | None = Field(None, description="Artifact to prune (default: the teacher).")
+    model: ModelCfg | None = Field(None, description="Unused: the model pruned is 'source' (else the teacher).")
     prune: PruneCfg = Field(default_factory=PruneCfg)
     losses: dict[str, dict[str, Any] | None] = Field(
         default_factory=lambda: {"kd_feature": {"weight": 1.0}, "kd_affinity": {"weight": 1.0},
                                  "n_itc": {"weight": 0.5}},
         description="Recovery losses: name -> {weight, params}; see `tbps-compress list losses`.",
     )
+
+    @model_validator(mode="after")
+    def _no_model(self) -> PruneRecipe:
+        if self.model is not None:
+            raise ValueError("a prune recipe prunes the artifact named by 'source' (else the teacher's); it has no "
+                             "'model' section: remove it")
+        return self
 
 
 def load_prune_recipe(path: Path, overrides: list[str] | None = None) -> PruneRecipe:
@@ -542,10 +550,10 @@ def _example_batch(model: nn.Module, ds: Any, n: int, seed: int) -> dict[str, to
     import random
 
     from ..data.loader import ImageStore
-    from ..data.readers import clean_caption
     from ..engine.evaluate import _normalize
     from ..models.config import image_size_hw
     from ..models.tokenizer import model_tokenizer
+    from ..runtime.tokenizer import clean_caption
 
     recs = list(ds.split("train"))
     if len(recs) < 2:
@@ -570,9 +578,9 @@ def _recovery_recipe(recipe: PruneRecipe, output: Path, per_epoch: int) -> Prune
 
 
 def _per_epoch(recipe: PruneRecipe, ds: Any) -> int:
+    from .. import distributed as dist
     from ..data.loader import identity_subset, steps_per_epoch
     from ..data.readers import carve_val
-    from ..engine import dist
 
     d = ds if recipe.eval.val_split in ds.splits() else carve_val(ds, fraction=recipe.data.val_fraction,
                                                                     seed=recipe.seed)
@@ -623,7 +631,8 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     the trainer's checkpoint); ``force`` replaces an existing output."""
     from ..artifacts import check_output_dir, open_artifact, write_json
     from ..data.readers import load_dataset
-    from ..engine.train import TeacherSpec, Trainer, resolve_device
+    from ..devices import resolve_device
+    from ..engine.train import TeacherSpec, Trainer
     from ..models.io import load_model
     from .distill import teacher_adapter
 
@@ -733,11 +742,11 @@ def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent:
     """An artifact of the pruned model without recovery training (``recovery_steps: 0``)."""
     from ..artifacts import METRICS, RECIPE, write_artifact, write_json
     from ..config import dump_recipe
-    from ..data.readers import clean_caption
     from ..engine.evaluate import embed_split, retrieval_metrics
     from ..models.factory import count_parameters
     from ..models.io import save_model
     from ..models.tokenizer import model_tokenizer
+    from ..runtime.tokenizer import clean_caption
 
     model.to(device).eval()
     tok = model_tokenizer(model)

@@ -74,15 +74,6 @@ REASONS = (
     "unreadable_image",
 )
 
-_CLEAN_TABLE = str.maketrans({c: " " for c in '.!"()*#:;~'})
-
-
-def clean_caption(text: str) -> str:
-    """The paper's caption preprocessing: lower-case, replace ``. ! " ( ) * # : ; ~`` by spaces, collapse
-    whitespace, strip."""
-    return " ".join(text.lower().translate(_CLEAN_TABLE).split())
-
-
 def list_formats() -> list[str]:
     """Names accepted by ``load_dataset(format=...)``."""
     return list(FORMATS)

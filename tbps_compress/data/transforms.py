@@ -20,9 +20,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from ..recipes import ImageAugCfg, TextAugCfg
-
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..runtime.preprocess import OPENAI_CLIP_MEAN as OPENAI_MEAN
+from ..runtime.preprocess import OPENAI_CLIP_STD as OPENAI_STD
 
 
 def _pool_ops(cfg: ImageAugCfg, size: tuple[int, int]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .. import distributed as dist
 from ..artifacts import METRICS, RECIPE, check_output_dir, write_artifact, write_json
 from ..config import dump_recipe
 from ..data.loader import EpochBatchSampler, ImageStore, TrainSet, identity_subset, steps_per_epoch
 from ..data.records import TBPSDataset, remap_ids
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, UserError
 from ..losses import LossInputs, LossSet, make_modules
 from ..models.config import image_size_hw
@@ -45,7 +47,6 @@ from ..models.factory import config_from_model, count_parameters, set_text_attn_
 from ..models.io import save_model
 from ..models.tokenizer import model_tokenizer
 from ..recipes import TrainRecipe
-from . import dist
 from .evaluate import embed_split, retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -71,18 +72,6 @@ class Progress:
 
     def stop(self) -> None:
         pass
-
-
-def resolve_device(name: str) -> torch.device:
-    from ..devices import check_device
-
-    check_device(name, flag="device")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{name}' requested but CUDA is not available; use device: cpu or auto")
-    return dev
 
 
 def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -193,7 +182,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- setup
     def _load_data(self) -> None:
-        from ..data.readers import carve_val, clean_caption, load_dataset
+        from ..data.readers import carve_val, load_dataset
+        from ..runtime.tokenizer import clean_caption
 
         r = self.recipe
         ds = self._dataset_in or load_dataset(Path(r.data.root), r.data.format, on_error=r.data.on_error)
@@ -238,6 +228,8 @@ class Trainer:
         out = Path(r.output)
         work = out.parent / f"{out.name}.ckpt"
         started_dist = dist.setup_from_env()
+        deterministic = (torch.are_deterministic_algorithms_enabled(),
+                         torch.is_deterministic_algorithms_warn_only_enabled())
         try:
             if r.optim.batch_size < dist.world_size():
                 raise ConfigError(
@@ -255,6 +247,7 @@ class Trainer:
                 raise UserError(f"{work / CKPT_NAME}: no checkpoint to resume from; start without --resume")
             return self._run(out, work, resume, force)
         finally:
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # as the caller had it
             if started_dist:
                 dist.cleanup()
 
@@ -268,7 +261,7 @@ class Trainer:
             torch.cuda.set_device(device if device.index is not None else dist.local_rank())
         torch.manual_seed(r.seed)
         random.seed(r.seed)
-        if device.type == "cpu":
+        if device.type == "cpu":  # bit-identical resumes; run() restores the caller's setting when it returns
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.losses = LossSet({k: (dict(v) if v else {}) for k, v in r.losses.items()})
         self._load_data()

@@ -48,7 +48,7 @@ class LossInputs:
     """Everything a loss may read for one step.
 
     Rows of every similarity matrix are the local batch; columns are the ``all_*`` tensors (the batch gathered
-    across ranks WITH gradient, see ``engine.dist.all_gather_with_grad``). An ``all_*`` left as ``None`` means
+    across ranks WITH gradient, see ``distributed.all_gather_with_grad``). An ``all_*`` left as ``None`` means
     "not distributed": the local tensor is used for the columns.
     """
 

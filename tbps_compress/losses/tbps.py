@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tbps_compress.engine import dist
 from tbps_compress.losses.registry import LossInputs, LossParams, ensure_float, register_loss
+
+from .. import distributed as dist
 
 MAX_SCALE = 100.0
 

@@ -60,7 +60,7 @@ class TorchArtifactEncoder:
     def __init__(self, artifact: Artifact, device: str = "auto") -> None:
         import torch
 
-        from ..engine.train import resolve_device
+        from ..devices import resolve_device
         from ..models.config import image_size_hw
         from ..models.io import load_model
         from ..models.tokenizer import model_tokenizer
