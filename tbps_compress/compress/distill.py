@@ -716,8 +716,8 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = Fa
     """Distil ``recipe.teacher.artifact`` into the recipe's student; returns the new artifact folder."""
     from .. import distributed as dist
     from ..artifacts import WEIGHTS, check_output_dir
-    from ..data.loader import identity_subset, steps_per_epoch
-    from ..data.readers import carve_val, load_dataset
+    from ..data.loader import steps_per_epoch
+    from ..data.splits import build_splits
     from ..devices import resolve_device
     from ..engine.train import TeacherSpec, Trainer, train_views
     from ..losses import LossSet
@@ -738,12 +738,8 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = Fa
     try:
         teacher, teacher_hash = _load_teacher(teacher_path)
         losses = LossSet({k: (dict(v) if v else {}) for k, v in r.losses.items()})
-        ds = dataset or load_dataset(Path(r.data.root), r.data.format, on_error=r.data.on_error)
-        if r.eval.val_split not in ds.splits():
-            ds = carve_val(ds, fraction=r.data.val_fraction, seed=r.seed)
-        train_records = identity_subset(ds.split("train"), r.data.train_fraction, r.seed)
-        if not train_records:
-            raise UserError(f"{ds.annotation}: no training records in split 'train'")
+        splits = build_splits(r, dataset)
+        ds, train_records = splits.dataset, splits.train
         plan = InheritancePlan()
         student = build_student(r, teacher, ds, train_records, plan)
         params_before = count_parameters(student)
@@ -821,7 +817,7 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = Fa
             return out
 
         trainer = Trainer(r, model=student, teacher=spec, stage="distill", parent=teacher_path, progress=progress,
-                          extra_files=extra, dataset=ds)
+                          extra_files=extra, dataset=splits)
     except BaseException:
         if started:
             dist.cleanup()

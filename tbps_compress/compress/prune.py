@@ -577,23 +577,7 @@ def _recovery_recipe(recipe: PruneRecipe, output: Path, per_epoch: int) -> Prune
     return r
 
 
-def _per_epoch(recipe: PruneRecipe, ds: Any) -> int:
-    from .. import distributed as dist
-    from ..data.loader import identity_subset, steps_per_epoch
-    from ..data.readers import carve_val
-
-    d = ds if recipe.eval.val_split in ds.splits() else carve_val(ds, fraction=recipe.data.val_fraction,
-                                                                    seed=recipe.seed)
-    train = identity_subset(d.split("train"), recipe.data.train_fraction, recipe.seed)
-    n = sum(len(r.captions) for r in train)
-    per_epoch = steps_per_epoch(n, recipe.optim.batch_size, dist.world_size())
-    if per_epoch < 1:
-        raise ConfigError(f"optim.batch_size: {recipe.optim.batch_size} exceeds the {n} training captions; "
-                          "use a smaller batch")
-    return per_epoch
-
-
-def _layer_scores(recipe: PruneRecipe, model: nn.Module, ds: Any, device: torch.device) -> dict[str, list[float]]:
+def _layer_scores(recipe: PruneRecipe, model: nn.Module, splits: Any, device: torch.device) -> dict[str, list[float]]:
     """Block importances for drop_layers counts: the probe table, else C1 measured on the val split."""
     from ..models.factory import tower_blocks
     from .probe import _normalised, layer_ranking, make_retrieval_probe, read_probe, removal_drops
@@ -610,14 +594,11 @@ def _layer_scores(recipe: PruneRecipe, model: nn.Module, ds: Any, device: torch.
                 raise ConfigError(f"prune.probe: the table has {len(scores.get(t, []))} {t} blocks, the source has "
                                   f"{n}; probe the source artifact")
         return scores
-    from ..data.readers import carve_val
-
-    d = ds if recipe.eval.val_split in ds.splits() else carve_val(ds, fraction=recipe.data.val_fraction,
-                                                                    seed=recipe.seed)
-    recs = d.split(recipe.eval.val_split)
+    recs = splits.val
     if not recs:
-        raise UserError(f"{ds.annotation}: no records in split '{recipe.eval.val_split}' to rank blocks on")
-    rp = make_retrieval_probe(model, d, recs, batch_size=recipe.eval.batch_size, device=device)
+        raise UserError(f"{splits.dataset.annotation}: no records in split '{recipe.eval.val_split}' to rank "
+                        "blocks on")
+    rp = make_retrieval_probe(model, splits.dataset, recs, batch_size=recipe.eval.batch_size, device=device)
     drops = removal_drops(rp, need)
     log.info("block removal drops (R@1 points, val): %s", {t: [round(x, 2) for x in v] for t, v in drops.items()})
     return {t: _normalised(v) for t, v in drops.items()}
@@ -629,8 +610,9 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     Everything that can be checked is checked before any work (ratios vs. the model, heads, probe table, artifacts,
     output folder). ``resume`` continues an interrupted run (after its last finished round, and inside a round from
     the trainer's checkpoint); ``force`` replaces an existing output."""
+    from .. import distributed as dist
     from ..artifacts import check_output_dir, open_artifact, write_json
-    from ..data.readers import load_dataset
+    from ..data.splits import build_splits
     from ..devices import resolve_device
     from ..engine.train import TeacherSpec, Trainer
     from ..models.io import load_model
@@ -658,8 +640,9 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
         from .probe import read_probe
 
         read_probe(Path(recipe.prune.probe))
-    ds = load_dataset(Path(recipe.data.root), recipe.data.format, on_error=recipe.data.on_error)
-    per_epoch = _per_epoch(recipe, ds)
+    splits = build_splits(recipe)
+    ds = splits.dataset
+    per_epoch = splits.steps_per_epoch(recipe.optim.batch_size, dist.world_size())
     teacher = load_model(teacher_art, verify=False).eval()
     # ---- work
     if force and not resume and steps_dir.exists():
@@ -680,7 +663,7 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     torch.manual_seed(recipe.seed)
     example = _example_batch(model, ds, recipe.prune.taylor_batch, recipe.seed)
     if not state:
-        scores = _layer_scores(recipe, model, ds, torch.device("cpu"))
+        scores = _layer_scores(recipe, model, splits, torch.device("cpu"))
         dropped = {t: layers_to_drop(getattr(recipe.prune, t), scores.get(t), t) for t in TOWERS}
         state = {"dropped": dropped, "scores": scores}
     if start == 1:
@@ -708,7 +691,7 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
         if recipe.prune.recovery_steps == 0:
             if not final:  # nothing to recover between rounds: no intermediate artifact
                 continue
-            _write_unrecovered(recipe, model, target, source_path, ds, device, report, force)
+            _write_unrecovered(recipe, model, target, source_path, splits, device, report, force)
         else:
             adapt = teacher_adapter(model, teacher)
             kwargs = dict(spec_kwargs)
@@ -717,7 +700,7 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
             ckpt = target.parent / f"{target.name}.ckpt" / "last.ckpt"
             trainer = Trainer(
                 _recovery_recipe(recipe, target, per_epoch), model=model, teacher=TeacherSpec(**kwargs),
-                stage="prune", parent=source_path, progress=progress, dataset=ds,
+                stage="prune", parent=source_path, progress=progress, dataset=splits,
                 extra_files=(lambda _tmp, rep=report: {"prune": rep}) if final else None,
             )
             trainer.run(resume=resume and ckpt.exists(), force=force or (not final))
@@ -737,7 +720,7 @@ def _round_summary(folder: Path) -> dict[str, Any]:
             "non_embedding_parameters": (m.get("parameters") or {}).get("non_embedding")}
 
 
-def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent: Path, ds: Any,
+def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent: Path, splits: Any,
                        device: torch.device, report: dict[str, Any], force: bool) -> None:
     """An artifact of the pruned model without recovery training (``recovery_steps: 0``)."""
     from ..artifacts import METRICS, RECIPE, write_artifact, write_json
@@ -750,7 +733,7 @@ def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent:
 
     model.to(device).eval()
     tok = model_tokenizer(model)
-    recs = ds.split(recipe.eval.test_split)
+    recs, ds = splits.test, splits.dataset
     test = {}
     if recs:
         emb = embed_split(model, recs, [ds.image_path(r) for r in recs], tok, clean_caption,

@@ -37,8 +37,9 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist
 from ..artifacts import METRICS, RECIPE, check_output_dir, write_artifact, write_json
 from ..config import dump_recipe
-from ..data.loader import EpochBatchSampler, ImageStore, TrainSet, identity_subset, steps_per_epoch
+from ..data.loader import EpochBatchSampler, ImageStore, TrainSet, steps_per_epoch
 from ..data.records import TBPSDataset, remap_ids
+from ..data.splits import Splits, build_splits
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, UserError
 from ..losses import LossInputs, LossSet, make_modules
@@ -168,7 +169,7 @@ class Trainer:
         parent: Path | None = None,
         progress: Progress | None = None,
         extra_files: Callable[[Path], dict[str, Any]] | None = None,
-        dataset: TBPSDataset | None = None,
+        dataset: TBPSDataset | Splits | None = None,
     ) -> None:
         self.recipe = recipe
         self.stage = stage
@@ -182,21 +183,15 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- setup
     def _load_data(self) -> None:
-        from ..data.readers import carve_val, load_dataset
         from ..runtime.tokenizer import clean_caption
 
         r = self.recipe
-        ds = self._dataset_in or load_dataset(Path(r.data.root), r.data.format, on_error=r.data.on_error)
-        if r.eval.val_split not in ds.splits():
-            ds = carve_val(ds, fraction=r.data.val_fraction, seed=r.seed)
-        self.dataset = ds
+        self.splits = build_splits(r, self._dataset_in)
+        ds = self.dataset = self.splits.dataset
         self.clean = clean_caption
-        train = identity_subset(ds.split("train"), r.data.train_fraction, r.seed)
-        if not train:
-            raise UserError(f"{ds.annotation}: no training records in split 'train'")
-        self.train_records = train
-        self.val_records = ds.split(r.eval.val_split)
-        self.test_records = ds.split(r.eval.test_split)
+        train = self.train_records = self.splits.train
+        self.val_records = self.splits.val
+        self.test_records = self.splits.test
         self.labels = remap_ids(train)
         has_bt = any(rec.captions_bt for rec in train)
         if r.augment.text.back_translation_p > 0 and not has_bt:
