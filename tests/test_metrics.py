@@ -246,3 +246,19 @@ def test_scale_memory_bounded(request: pytest.FixtureRequest) -> None:
     logging.getLogger(__name__).warning("scale test: %s (wall %.1f s)", out, time.perf_counter() - t0)
     assert out["peak_rss_mb"] < 2048
     assert 0.0 < out["mAP"] <= 100.0 and out["R1"] <= out["R5"] <= out["R10"]
+
+
+def test_a_gallery_of_too_few_identities_is_flagged(caplog) -> None:
+    """One identity in the gallery: every model scores R@1 100, so the number is flagged as meaningless."""
+    from tbps_compress.retrieval.metrics import MIN_MEASURABLE_IDENTITIES
+
+    q, g = torch.randn(3, 4), torch.randn(2, 4)
+    with caplog.at_level("WARNING", logger="tbps_compress.retrieval.metrics"):
+        m = metrics_from_embeddings(q, g, [7, 7, 7], [7, 7])
+    assert m["R1"] == 100.0
+    assert "holds 1 identity" in caplog.text and "measure nothing" in caplog.text
+    caplog.clear()
+    ids = list(range(MIN_MEASURABLE_IDENTITIES))
+    with caplog.at_level("WARNING", logger="tbps_compress.retrieval.metrics"):
+        metrics_from_embeddings(torch.randn(len(ids), 4), torch.randn(len(ids), 4), ids, ids)
+    assert caplog.text == ""

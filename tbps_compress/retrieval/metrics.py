@@ -29,6 +29,9 @@ from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
+# Fewer gallery identities than this and retrieval metrics are mostly chance (1 identity: R@1 is 100 for any model).
+MIN_MEASURABLE_IDENTITIES = 10
+
 ArrayLike = torch.Tensor | np.ndarray
 #: ``provider(start, stop)`` returns the similarity rows ``start:stop`` as a ``(stop - start, G)`` array.
 ChunkProvider = Callable[[int, int], ArrayLike]
@@ -129,6 +132,11 @@ def metrics(
     n_query, n_gallery = qids.numel(), gids.numel()
     if n_query == 0 or n_gallery == 0:
         raise ValueError(f"need at least one query and one gallery item, got Q={n_query}, G={n_gallery}")
+    n_ids = int(torch.unique(gids).numel())
+    if n_ids < MIN_MEASURABLE_IDENTITIES:
+        log.warning("the gallery holds %d identit%s: with fewer than %d, R@k and mAP measure nothing (a model that "
+                    "knows nothing scores R@1 >= %.0f%%); evaluate on a larger split", n_ids,
+                    "y" if n_ids == 1 else "ies", MIN_MEASURABLE_IDENTITIES, 100.0 / n_ids)
     if callable(similarity):
         provider = similarity
     else:
