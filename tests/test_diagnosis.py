@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tbps_compress.data.records import Record
-from tbps_compress.data.synth_text import COARSE_FAMILIES, TRUTH_FAMILIES
 from tbps_compress.data.synthpedes import load_truth
+from tbps_compress.data.synthpedes.captions import COARSE_FAMILIES, TRUTH_FAMILIES
 from tbps_compress.errors import DataError, UserError
 from tbps_compress.retrieval import diagnosis
 from tbps_compress.retrieval.diagnosis import (

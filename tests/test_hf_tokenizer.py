@@ -57,8 +57,8 @@ KNOWN_DIFFERENT = {
 
 def synth_captions(n_ids: int = 40) -> list[str]:
     """SynthPedes captions and paraphrases of ``n_ids`` identities (text only, nothing rendered)."""
-    from tbps_compress.data.synth_text import visible_facts, write_captions
     from tbps_compress.data.synthpedes import make_identities, plan_images
+    from tbps_compress.data.synthpedes.captions import visible_facts, write_captions
 
     out: list[str] = []
     for ident in make_identities(seed=3, train_ids=n_ids):

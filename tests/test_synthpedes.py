@@ -14,7 +14,7 @@ import pytest
 
 from tbps_compress.data import synthpedes as sp
 from tbps_compress.data.readers import load_dataset
-from tbps_compress.data.synth_text import _COLOUR_WORDS, _HAIR_COLOUR_WORDS, MAX_WORDS, MIN_WORDS, tokenize
+from tbps_compress.data.synthpedes.captions import _COLOUR_WORDS, _HAIR_COLOUR_WORDS, MAX_WORDS, MIN_WORDS, tokenize
 from tbps_compress.errors import DataError, UserError
 
 SIZE = (128, 48)
@@ -336,7 +336,9 @@ def test_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sp, "_render_job", boom)
+    from tbps_compress.data.synthpedes import writer
+
+    monkeypatch.setattr(writer, "_render_job", boom)  # the writer renders through it
     out = tmp_path / "ds"
     with pytest.raises(RuntimeError, match="disk full"):
         sp.generate(out, identities=5, images_per_id=1, captions_per_image=1, size=SIZE, workers=1)
