@@ -257,21 +257,53 @@ def _select_layers(n_t: int, n_s: int, how: str, scores: Tensor | None) -> list[
 
 
 def _stem_state(teacher: nn.Module, t_cfg: dict[str, Any], s_cfg: dict[str, Any], ri: Tensor) -> dict[str, Tensor]:
-    """The image stem's state: a convolutional stem (models.stem) is copied whole and its projection cut to the
-    kept residual channels ``ri``; the student must have the teacher's stem."""
-    t_stem = t_cfg["vision_cfg"].get("stem_channels")
-    for key in ("stem_channels", "stem_blocks"):
-        mine, theirs = s_cfg["vision_cfg"].get(key), t_cfg["vision_cfg"].get(key)
-        if mine != theirs:
-            raise InheritanceError(
-                f"student vision_cfg.{key}: {mine} differs from the teacher's {theirs}; weight inheritance "
-                "copies the convolutional stem, so give the student the teacher's stem or use student.init: random")
+    """The image stem's state. A convolutional stem (models.stem) of the teacher's shape is copied whole; a narrower
+    one (fewer channels per stage, same number of stages and of residual blocks) keeps, per stage, the teacher's
+    channels whose stage-convolution filters have the largest L1 norm (the same channels through the stage's
+    residual blocks, whose shortcuts add them). The projection is cut to those channels and to the kept residual
+    channels ``ri``."""
+    t_v, s_v = t_cfg["vision_cfg"], s_cfg["vision_cfg"]
+    t_stem, s_stem = t_v.get("stem_channels"), s_v.get("stem_channels")
+    if (t_stem is None) != (s_stem is None) or (t_stem and len(t_stem) != len(s_stem)) \
+            or t_v.get("stem_blocks", 0) != s_v.get("stem_blocks", 0) \
+            or (t_stem and any(s > t for s, t in zip(s_stem, t_stem, strict=True))):
+        raise InheritanceError(
+            f"student vision_cfg.stem_channels / stem_blocks: {s_stem} / {s_v.get('stem_blocks', 0)} do not fit "
+            f"the teacher's {t_stem} / {t_v.get('stem_blocks', 0)}; weight inheritance takes the stem's channels "
+            "from the teacher, so give the student as many stages and blocks, each stage at most as wide, or use "
+            "student.init: random")
     conv = teacher.visual.conv1
     if not t_stem:
         return {"visual.conv1.weight": conv.weight[ri]}
-    out = {f"visual.conv1.stem.{k}": v for k, v in conv.stem.state_dict().items()}
-    out["visual.conv1.proj.weight"] = conv.proj.weight[ri]
+    from ..models.stem import BasicBlock
+
+    out: dict[str, Tensor] = {}
+    keep_in = torch.arange(3)
+    stage = -1
+    keep = keep_in
+    for idx, m in enumerate(conv.stem):
+        key = f"visual.conv1.stem.{idx}"
+        if isinstance(m, nn.Conv2d):  # a stage's stride-2 convolution
+            stage += 1
+            w = m.weight.detach()
+            keep = torch.tensor(imp.top_k(w.abs().sum(dim=(1, 2, 3)), int(s_stem[stage])))
+            out[f"{key}.weight"] = w[keep][:, keep_in]
+            keep_in = keep
+        elif isinstance(m, nn.BatchNorm2d):
+            out.update(_bn_state(m, keep, key))
+        elif isinstance(m, BasicBlock):
+            for name in ("conv1", "conv2"):
+                out[f"{key}.{name}.weight"] = getattr(m, name).weight.detach()[keep][:, keep]
+            for name in ("bn1", "bn2"):
+                out.update(_bn_state(getattr(m, name), keep, f"{key}.{name}"))
+    out["visual.conv1.proj.weight"] = conv.proj.weight[ri][:, keep_in]
     out["visual.conv1.proj.bias"] = conv.proj.bias[ri]
+    return out
+
+
+def _bn_state(bn: nn.BatchNorm2d, keep: Tensor, key: str) -> dict[str, Tensor]:
+    out = {f"{key}.{k}": getattr(bn, k).detach()[keep] for k in ("weight", "bias", "running_mean", "running_var")}
+    out[f"{key}.num_batches_tracked"] = bn.num_batches_tracked.detach().clone()
     return out
 
 
