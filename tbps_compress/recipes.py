@@ -97,6 +97,9 @@ class TricksCfg(Strict):
     global_gradients: bool = Field(True, description="All-gather features WITH gradient across ranks.")
     text_attn_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on text-tower attention weights.")
     freeze_patch_embed: bool = Field(True, description="Lock the patch-embedding convolution.")
+    temperature: float | None = Field(None, gt=0, le=1, description="Start the contrastive temperature here "
+                                      "(logit_scale = ln(1/t)); null keeps the model's (0.07 for a new model).")
+    learn_temperature: bool = Field(True, description="Train the temperature (false: keep it fixed).")
 
 
 class OptimCfg(Strict):

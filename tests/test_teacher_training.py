@@ -180,3 +180,20 @@ def test_learning_curve_is_logged_and_kept(make_train_recipe, tmp_path: Path) ->
     assert {r["split"] for r in rows} == {"test"}
     assert all(0 <= float(r["R1"]) <= 100 for r in rows)
     assert float(rows[1]["train_seconds"]) >= float(rows[0]["train_seconds"]) > 0
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_temperature_starts_where_the_recipe_says_and_stays_when_fixed(make_train_recipe, tmp_path: Path,
+                                                                       learn: bool) -> None:
+    import math
+
+    tr = Trainer(make_train_recipe(tmp_path / "out", optim={"max_steps": 2},
+                                   tricks={"temperature": 0.03, "learn_temperature": learn}))
+    out = tr.run()
+    from tbps_compress.models.io import load_model
+
+    scale = float(load_model(out).logit_scale)
+    if learn:
+        assert scale != pytest.approx(math.log(1 / 0.03), abs=1e-7)  # trained away from its start
+    else:
+        assert scale == pytest.approx(math.log(1 / 0.03), abs=1e-6)

@@ -273,6 +273,10 @@ class Trainer:
         self.model = model.to(device)
         set_text_attn_dropout(model, r.tricks.text_attn_dropout)
         model.visual.conv1.weight.requires_grad_(not r.tricks.freeze_patch_embed)
+        if r.tricks.temperature is not None:  # a resumed run's checkpoint restores the trained value afterwards
+            with torch.no_grad():
+                model.logit_scale.fill_(math.log(1.0 / r.tricks.temperature))
+        model.logit_scale.requires_grad_(r.tricks.learn_temperature)
         teacher_dim = None
         if self.teacher is not None:
             self.teacher.model.to(device).eval().requires_grad_(False)
