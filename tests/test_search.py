@@ -410,3 +410,56 @@ def test_cli_truncated_index_is_rebuilt_without_traceback(tmp_path, run_cli_subp
     assert code == 0, err
     assert "Traceback" not in err and "FAISS index file does not match the manifest" in err
     assert "rebuilding the index" in err and len(out.splitlines()) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sharded embedding
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_shards_merge_into_the_single_process_index(tmp_path, artifacts, encoder_a):
+    """Two shards embedded separately and merged give the same files and vectors as one process; a file changed
+    after its shard was embedded is re-embedded by the merge, the rest is not; shard folders are removed."""
+    from tbps_compress.retrieval.search import artifact_hash, open_artifact
+    from tbps_compress.retrieval.shards import build_shard, merge_shards
+
+    gallery = _gallery(tmp_path / "g", n=7)
+    h = artifact_hash(open_artifact(artifacts[0]))
+    single, _ = _open(artifacts[0], gallery, encoder_a, index_dir=tmp_path / "single")
+    single.refresh()
+    shards = [build_shard(gallery, encoder_a, h, r, 2) for r in range(2)]
+    assert all(s.is_dir() and s.parent.name == ".tbps_index" for s in shards)
+    _image(gallery / "p00.jpg", seed=99)  # changed after shard 0 embedded it
+    counting = Counting(encoder_a)
+    merged = merge_shards(gallery, counting, h, shards, spec="hnsw")
+    assert counting.images == 1 and merged.kind == "hnsw"
+    assert not any(s.exists() for s in shards)
+    single.refresh()
+    assert [r.entry for r in merged.rows] == [r.entry for r in single.rows]
+    np.testing.assert_allclose(merged.embeddings, single.embeddings, atol=1e-5)
+    again = Counting(encoder_a)
+    reopened = GalleryIndex(gallery, again, h)
+    assert reopened.refresh().embedded == 0 and again.images == 0  # an ordinary index afterwards
+
+
+def test_sharded_build_under_torchrun_with_two_processes(tmp_path):
+    """The module entry point under torchrun: 2 CPU processes, each a shard, rank 0 merges."""
+    import subprocess
+    import sys
+
+    from tbps_compress.retrieval.index import GalleryIndex as GI
+    from tbps_compress.retrieval.search import artifact_hash, open_artifact, open_encoder
+
+    art = _onnx_artifact(tmp_path / "onnx")
+    gallery = _gallery(tmp_path / "g", n=6)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tbps_compress.retrieval.shards", str(art), "--gallery", str(gallery)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "6 images (flat)" in done.stdout
+    a = open_artifact(art)
+    counting = Counting(open_encoder(a, device="cpu"))
+    index = GI(gallery, counting, artifact_hash(a))
+    assert index.refresh().embedded == 0 and len(index) == 6
+    assert sorted(p.name for p in (gallery / ".tbps_index").iterdir()) == [index.index_dir.name]

@@ -1181,6 +1181,22 @@ class GalleryIndex:
         ident, cam = ann.get("identity"), ann.get("camera")
         return None if ident is None else int(ident), None if cam is None else int(cam)
 
+    def offer_vectors(self, rows: Sequence[Row], vectors: np.ndarray) -> None:
+        """Offer embeddings computed elsewhere (e.g. by shard processes, see :mod:`.shards`) for files of this
+        gallery: the next :meth:`update` starts a new index and reuses each offered vector whose file still has the
+        recorded size and modification time, embedding only the rest. ``rows[i]`` describes ``vectors[i]``."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(rows) != vectors.shape[0]:
+            raise ValueError(f"offer_vectors: {len(rows)} rows for vectors of shape {tuple(vectors.shape)}")
+        offered = {r.entry.path: Row(i, r.entry, r.identity, r.camera, r.indexed_at) for i, r in enumerate(rows)}
+        if len(offered) != len(rows):
+            raise ValueError("offer_vectors: a file is offered twice")
+        self._store = None
+        self._rows = {}
+        self._reuse_rows = offered
+        self._reuse_vectors = lambda ids: vectors[ids]
+        self._fresh = True
+
     def update(self) -> IndexStats:
         """Bring the index in line with the folder: embed new and changed files, drop removed ones, convert or
         compact the FAISS index when needed (see the module doc)."""
