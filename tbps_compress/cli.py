@@ -471,6 +471,42 @@ def search(
         typer.echo(f"{report.stats.unreadable} unreadable image(s) skipped", err=True)
 
 
+@app.command()
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="ONNX artifact folder (tbps-compress export / quantize output).")],
+    gallery: Annotated[Path, typer.Option("--gallery", help="Folder of person crops (recursive); uploads go to its "
+                                          "uploads/ subfolder.")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but a loopback address "
+                                      "exposes the gallery to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0 picks a free one; the address is printed).")] = 8000,
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", help="File holding the bearer token that uploads and deletions need (default: the "
+        "TBPS_SERVE_TOKEN environment variable; with neither, the server is read-only).")] = None,
+    protect_reads: Annotated[bool, typer.Option(
+        "--protect-reads", help="Searches, images and /stats need the token too.")] = False,
+    index_dir: Annotated[Path | None, typer.Option("--index-dir", help="Index folder (default "
+                                                   "DIR/.tbps_index/...).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Dataset root giving identities / cameras (default: "
+                                              "the gallery, when it is a dataset root).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="onnxruntime threads per request "
+                                                "(default: onnxruntime's).")] = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.01, help="Largest uploaded file.")] = 10.0,
+    max_query_chars: Annotated[int, typer.Option("--max-query-chars", min=1, help="Longest query text.")] = 1000,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (method, path, status; "
+                                             "never query texts).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve text search over a gallery on HTTP (FastAPI + uvicorn, torch-free): a page at /, POST /search, uploads
+    and deletions with a bearer token."""
+    from .serve.server import run_server
+    from .serve.service import Limits
+
+    _setup_logging(verbose)
+    limits = Limits(max_query_chars=max_query_chars, max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    run_server(artifact, gallery, host=host, port=port, token_file=token_file, protect_reads=protect_reads,
+               index_dir=index_dir, data=data, threads=threads, limits=limits, access_log=access_log)
+
+
 def _fmt_auc(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
