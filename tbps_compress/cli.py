@@ -232,6 +232,8 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write fp16 graphs (a GPU format).")] = False,
     parity_data: Annotated[Path | None, typer.Option("--data", help="Dataset root for real-sample parity.")] = None,
     atol: Annotated[float, typer.Option("--atol", help="Max abs difference allowed vs PyTorch.")] = 1e-4,
+    optimize: Annotated[bool, typer.Option("--optimize", help="Fuse attention, Gelu, LayerNorm and biases for the "
+                                           "CPU provider (per-tower parity; unfused on failure).")] = False,
     force: ForceOpt = False,
 ) -> None:
     """Export image and text encoders to ONNX and prove parity with PyTorch."""
@@ -240,8 +242,13 @@ def export(
 
     if not onnx:
         raise UserError("export: only --onnx is supported")
-    report = export_onnx(artifact, out, opset=opset, fp16=fp16, force=force, parity_data=parity_data, atol=atol)
+    report = export_onnx(artifact, out, opset=opset, fp16=fp16, force=force, parity_data=parity_data, atol=atol,
+                         optimize=optimize)
     typer.echo(f"wrote {out}: max abs diff vs PyTorch {report.get('max_diff')}")
+    for tower, entry in (report.get("optimize") or {}).items():
+        nodes = (sum(entry["ops_before"].values()), sum(entry.get("ops_after", entry["ops_before"]).values()))
+        typer.echo(f"  {tower}: fused ({nodes[0]} -> {nodes[1]} nodes)" if entry["fused"] else
+                   f"  {tower}: not fused: {entry['fallback_reason']}")
 
 
 @app.command()

@@ -244,7 +244,8 @@ def test_bad_opset_refused(exported: Path, tmp_path: Path) -> None:
 
 def test_pruned_model_with_vocab_map_and_external_data(tmp_path: Path, exported: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Per-block head / MLP sizes (pruned), a pruned vocabulary (vocab_map.json) and weights in external data."""
+    """Per-block head / MLP sizes (pruned), a pruned vocabulary (vocab_map.json) and weights in external data;
+    fused (--optimize) with each block's own head count (one num_heads for all would break attention)."""
     cfg = get_model_config("test-tiny")
     cfg["vision_blocks"] = [{"heads": 2, "head_dim": 32, "mlp_dim": 128}, {"heads": 1, "head_dim": 16, "mlp_dim": 40}]
     cfg["text_blocks"] = [{"heads": 1, "head_dim": 24, "mlp_dim": 96}, {"heads": 2, "head_dim": 32, "mlp_dim": 128}]
@@ -254,7 +255,11 @@ def test_pruned_model_with_vocab_map_and_external_data(tmp_path: Path, exported:
     src = make_torch_artifact(tmp_path / "pruned", cfg, seed=3, extra={"vocab_map.json": vocab_map})
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     out = tmp_path / "onnx"
-    report = export_onnx(src, out, parity_data=exported.parent / "data")
+    report = export_onnx(src, out, parity_data=exported.parent / "data", optimize=True)
+    fused = report["optimize"]
+    assert fused["image"]["attention"]["heads"] == [2, 1] and fused["image"]["attention"]["head_dim"] == [32, 16]
+    assert fused["text"]["attention"]["heads"] == [1, 2] and fused["text"]["attention"]["head_dim"] == [24, 32]
+    assert fused["image"]["fused"] and fused["text"]["fused"] and "text:kept-b3" in report["parity"]["fused"]
     assert report["external_data"] is True
     assert report["max_diff"] < 1e-4 and "text:dataset-b4" in report["parity"]["float32"]
     assert (out / "image_encoder.onnx.data").is_file() and (out / "text_encoder.onnx.data").is_file()
@@ -299,3 +304,95 @@ def test_pruned_vocabulary_without_unk_refused(tmp_path: Path) -> None:
         export_onnx(src, tmp_path / "onnx")
     assert "\n" not in str(info.value)
     assert not (tmp_path / "onnx").exists()
+
+
+def _retrieval(folder: Path, data: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Gallery / query embeddings of the tiny dataset's test split through the runtime, and their metrics."""
+    from tbps_compress.data.readers import load_dataset
+    from tbps_compress.retrieval.metrics import metrics_from_embeddings
+    from tbps_compress.runtime import OnnxEncoder
+
+    dataset = load_dataset(data)
+    records = dataset.split("test")
+    enc = OnnxEncoder(folder)
+    gallery = enc.encode_images([dataset.image_path(r) for r in records])
+    queries = enc.encode_texts([c for r in records for c in r.captions])
+    metrics = metrics_from_embeddings(queries, gallery, [r.pid for r in records for _ in r.captions],
+                                      [r.pid for r in records])
+    return gallery, queries, metrics
+
+
+def test_optimize_fuses_towers_with_parity_retrieval_and_int8(exported: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    from tbps_compress.compress.quantize import quantize_artifact
+    from tbps_compress.export.fusion import op_counts
+
+    monkeypatch.setattr(onnx_export, "_export_tower", _fake_export(exported))
+    data = exported.parent / "data"
+    out = tmp_path / "fused"
+    report = export_onnx(exported.parent / "torch", out, parity_data=data, optimize=True)
+    saved = json.loads((out / "export_report.json").read_text())
+    assert saved["optimize"] == report["optimize"] and open_artifact(out).lineage["export"]["optimize"] is True
+    for tower in ("image", "text"):
+        entry = report["optimize"][tower]
+        assert entry["fused"] is True and entry["fallback_reason"] is None
+        assert entry["attention"] == {"fused": 2, "heads": [2, 2], "head_dim": [32, 32], "refused": []}
+        before, after = entry["ops_before"], entry["ops_after"]
+        assert before["Softmax"] == 2 and "Softmax" not in after and after["com.microsoft:Attention"] == 2
+        assert after["com.microsoft:BiasGelu"] == 2 and "Erf" not in after
+        assert sum(after.values()) < 0.6 * sum(before.values())
+        model = onnx.load(str(out / f"{tower}_encoder.onnx"))
+        assert op_counts(model) == after
+        assert entry["max_diff"] < 1e-4 and f"{tower}:dataset-b4" in entry["parity"]
+    assert set(report["parity"]["fused"]) == set(report["parity"]["float32"])
+    assert report["max_diff"] < 1e-4
+    # the same retrieval through the runtime as the unfused export
+    g0, q0, m0 = _retrieval(exported, data)
+    g1, q1, m1 = _retrieval(out, data)
+    assert np.abs(g0 - g1).max() < 1e-4 and np.abs(q0 - q1).max() < 1e-4
+    assert m0 == m1
+    # quantised after fusion: the fused attention becomes QAttention, embeddings stay close
+    q = quantize_artifact(out, tmp_path / "int8", mode="dynamic")
+    for tower in ("image", "text"):
+        entry = q["towers"][tower]
+        assert entry["nodes"]["by_type"].get("QAttention") == 2, entry["nodes"]
+        assert entry["cosine"]["random"]["min"] > 0.99, entry["cosine"]
+
+
+def test_optimize_falls_back_per_tower_when_parity_fails(exported: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fusion with the wrong head count (what a global num_heads does to a pruned model) fails parity: that
+    tower keeps its unfused graph, with the reason in the report; the other tower is still fused."""
+    from tbps_compress.export import fusion
+
+    real = fusion.fuse_attention
+
+    def wrong_heads(model):  # noqa: ANN001, ANN202
+        fused, info = real(model)
+        if model.graph.input[0].name == "image":
+            for node in fused.graph.node:
+                if node.op_type == "Attention":
+                    for attr in node.attribute:
+                        if attr.name == "num_heads":
+                            attr.i = 1
+        return fused, info
+
+    monkeypatch.setattr(onnx_export, "_export_tower", _fake_export(exported))
+    monkeypatch.setattr(fusion, "fuse_attention", wrong_heads)
+    out = tmp_path / "fallback"
+    report = export_onnx(exported.parent / "torch", out, optimize=True)
+    image, text = report["optimize"]["image"], report["optimize"]["text"]
+    assert image["fused"] is False and "fails parity" in image["fallback_reason"]
+    assert "max abs diff" in image["fallback_reason"] and image["parity"]
+    assert text["fused"] is True
+    assert (out / "image_encoder.onnx").read_bytes() == (exported / "image_encoder.onnx").read_bytes()
+    assert set(report["parity"]["fused"]) == {"text:random-b1", "text:random-b3"} and report["max_diff"] < 1e-4
+    open_artifact(out)
+
+
+def test_optimize_with_fp16_refused(exported: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="choose one") as info:
+        export_onnx(exported.parent / "torch", tmp_path / "o", optimize=True, fp16=True)
+    assert "\n" not in str(info.value) and not (tmp_path / "o").exists()

@@ -189,3 +189,32 @@ def test_optimum_backend_missing_extra(exported: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"pip install tbps-compress\[optimum\]"):
         quantize_artifact(exported, tmp_path / "out", mode="dynamic", backend="optimum")
     assert not (tmp_path / "out").exists()
+
+
+def test_optimum_backend_against_ort(exported: Path, data: Path, tmp_path: Path,
+                                     dynamic: tuple[Path, dict]) -> None:
+    """optimum's ORTQuantizer (CPU preset) against the onnxruntime backend: nodes quantised, cosine to float32,
+    retrieval on the tiny test split."""
+    try:
+        import optimum.onnxruntime  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"optimum-onnx is not importable ({exc}); install the extra: pip install tbps-compress[optimum]")
+    out = tmp_path / "optimum"
+    report = quantize_artifact(exported, out, mode="dynamic", backend="optimum", eval_data=data)
+    ort_report = dynamic[1]
+    assert json.loads((out / "quantization.json").read_text())["backend"] == "optimum"
+    open_artifact(out)
+    for tower in ("image", "text"):
+        got, ref = report["towers"][tower], ort_report["towers"][tower]
+        assert got["optimum_preset"] in ("avx2", "avx512_vnni", "arm64")
+        assert got["nodes"]["by_type"].get("MatMulInteger", 0) > 0
+        # optimum's preset also quantises attention's two activation x activation MatMuls in each of the 2 blocks
+        # (onnxruntime's quantize_dynamic leaves them float), and leaves the token-embedding Gather float
+        assert got["nodes"]["by_type"]["MatMulInteger"] == ref["nodes"]["by_type"]["MatMulInteger"] + 4
+        for kind in ("random", "dataset"):
+            assert got["cosine"][kind]["min"] > 0.99, (tower, got["cosine"])
+    assert report["towers"]["text"]["size_after"] > ort_report["towers"]["text"]["size_after"]
+    metrics = report["metrics"]
+    assert metrics["fp32"] == ort_report["metrics"]["fp32"]
+    for key in ("R1", "mAP"):
+        assert abs(metrics["quantized"][key] - ort_report["metrics"]["quantized"][key]) < 20.0, metrics

@@ -31,7 +31,8 @@ from tbps_compress.runtime import OnnxEncoder
 from tbps_compress.serve.client import ServeClient, ServeHTTPError, multipart_body
 
 REPO = Path(__file__).resolve().parents[1]
-SCREENSHOT_DIR = REPO / "benchmarks" / "results" / "serve"
+# Screenshots go to the test's temporary folder; TBPS_SCREENSHOTS=1 writes them to the committed results instead.
+SCREENSHOT_DIR = REPO / "benchmarks" / "results" / "serve" if os.environ.get("TBPS_SCREENSHOTS") else None
 QUERY = "a man in a grey hoodie with a black backpack"
 TOKEN = "test-token-0123456789abcdef"
 BLOCKED = ("torch", "torchvision", "open_clip")
@@ -439,6 +440,7 @@ def _wait_js(page, predicate: str, timeout: float = 20.0) -> None:
 
 
 def test_page_in_headless_chromium(tmp_path, onnx_art, tiny_dataset):
+    shots = SCREENSHOT_DIR or tmp_path / "screenshots"
     browser_path = _chromium()
     if browser_path is None:
         pytest.skip("no Chromium installed (apt-get install chromium; `make test` installs it where apt-get works)")
@@ -477,8 +479,8 @@ def test_page_in_headless_chromium(tmp_path, onnx_art, tiny_dataset):
             assert shown == sorted(shown, reverse=True)
             np.testing.assert_allclose(shown, [s for _, s in expected[:10]], atol=2e-3)
             assert "10 results of" in page.inner_text("#status")
-            SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT_DIR / "page-results.png"), full_page=True)
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "page-results.png"), full_page=True)
 
             first.click()  # opens the full image
             _wait_js(page, "() => !document.getElementById('viewer').hidden && "
@@ -487,7 +489,7 @@ def test_page_in_headless_chromium(tmp_path, onnx_art, tiny_dataset):
                                     "document.getElementById('viewer-img').naturalHeight]")
             with Image.open(gallery / expected[0][0]) as im:
                 assert tuple(natural) == im.size
-            page.screenshot(path=str(SCREENSHOT_DIR / "page-viewer.png"))
+            page.screenshot(path=str(shots / "page-viewer.png"))
             page.keyboard.press("Escape")
             assert page.locator("#viewer").is_hidden()
 

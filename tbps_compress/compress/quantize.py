@@ -10,7 +10,9 @@ Modes (measured on an AVX2 CPU without VNNI, see DESIGN "Stack notes"):
 - ``dynamic``: ``quantize_dynamic`` after ``quant_pre_process(skip_symbolic_shape=True)``; int8 per-channel weights
   with ``reduce_range`` (7-bit weights: the u8 x s8 kernels of AVX2 CPUs saturate otherwise, which cost ~0.01 of
   cosine on the test model), uint8 activations quantised at run time. Matrix products between two activations
-  (attention) stay float. Gather is quantised too (the token-embedding table, weight-only).
+  (attention) stay float. Gather is quantised too (the token-embedding table, weight-only). Quantise a fused
+  export (``export --optimize``), not the other way round: fusion matches float MatMuls only, and the fused
+  ``com.microsoft`` ``Attention`` nodes become ``QAttention`` (int8 qkv projection).
 - ``static``: QDQ ``quantize_static`` calibrated on images / captions of a dataset (MinMax, Entropy or Percentile),
   uint8 activations, int8 per-channel weights, ``reduce_range``. Op types default to MatMul / Gemm / Conv: quantising
   every op puts the text tower's causal-mask Add (which holds -inf) through QDQ and destroys the text embeddings.
@@ -80,13 +82,15 @@ TOWERS = ("image", "text")
 # Default op types per mode. Dynamic adds Gather: the token-embedding table is stored as uint8 with one
 # DequantizeLinear (text tower ~4x smaller, cosine unchanged on the test model); attention's activation x activation
 # products are never quantised in dynamic mode.
-DEFAULT_OP_TYPES = {"dynamic": ("MatMul", "Gemm", "Conv", "Gather"), "static": ("MatMul", "Gemm", "Conv")}
+# Attention: the com.microsoft node of a fused export (``export --optimize``) becomes QAttention (int8 qkv weights).
+DEFAULT_OP_TYPES = {"dynamic": ("MatMul", "Gemm", "Conv", "Gather", "Attention"),
+                    "static": ("MatMul", "Gemm", "Conv")}
 QUANT_FILE = "quantization.json"
 OPTIMUM_HINT = "pip install tbps-compress[optimum]"
 _FILES = {"image": IMAGE_FILE, "text": TEXT_FILE}
 _INPUTS = {"image": "image", "text": "text"}
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-              "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+              "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"}
 _COSINE_SAMPLES = 16
 _CALIB_BATCH = 8
 _EVAL_CHUNK = 64

@@ -27,6 +27,12 @@ the ONNX checker runs (path-based, so external data works) and onnxruntime is co
 inputs at batch 1 and 3 (and, for a pruned vocabulary, on ids it kept) and, with ``parity_data``, on real dataset
 samples: a mismatch raises :class:`~tbps_compress.errors.ParityError` and leaves nothing behind.
 
+``optimize=True`` (``--optimize``) fuses each checked float32 tower for the CPU provider (:mod:`.fusion`: one
+``com.microsoft`` ``Attention`` node per block with that block's head count, Gelu / BiasGelu, LayerNorm and bias
+fusions) and proves the fused graph with the same parity inputs; a tower that fails keeps its unfused graph, with
+the reason logged and in the report (``optimize``: operator counts per op type before and after, per tower).
+Quantise the fused export (``quantize --mode dynamic``): the Attention nodes become ``QAttention``.
+
 ``fp16=True`` converts the checked float32 graphs to float16 weights and arithmetic with float32 inputs and
 outputs (:func:`convert_to_float16`), a GPU format; its parity (tolerance ``max(atol, FP16_ATOL)``) runs on the
 CPU provider with graph optimisations off, and is skipped with a logged reason when the CPU provider lacks a
@@ -507,6 +513,7 @@ def export_onnx(
     force: bool = False,
     parity_data: Path | None = None,
     atol: float = 1e-4,
+    optimize: bool = False,
 ) -> dict:
     """Export the PyTorch artifact ``artifact`` to an ONNX artifact ``out`` and prove it (see the module docs).
 
@@ -517,10 +524,15 @@ def export_onnx(
         fp16: store float16 graphs (GPU format) instead of float32.
         parity_data: optional dataset root; a few real images and captions are added to the parity inputs.
         atol: max absolute difference allowed between onnxruntime and PyTorch embeddings (float32).
+        optimize: fuse each tower for the CPU provider (:mod:`.fusion`: attention, Gelu, LayerNorm, bias); a
+            tower whose fused graph fails the same parity checks keeps its unfused graph (logged, in the report).
 
     Returns:
-        The report also saved as ``export_report.json``: ``parity`` (max abs diff per output and input set),
-        ``max_diff``, ``files`` (bytes per file), ``opset``, ``fp16``, shapes.
+        The report also saved as ``export_report.json``: ``parity`` (max abs diff per output and input set;
+        ``fused``: of the fused graphs), ``max_diff`` (over the graphs written), ``files`` (bytes per file),
+        ``opset``, ``fp16``, shapes and, with ``optimize``, ``optimize`` (per tower: ``fused``, ``ops_before`` /
+        ``ops_after`` per op type, attention blocks fused with their head counts, ``max_diff``,
+        ``fallback_reason``).
 
     Raises:
         UserError: bad ``out``/``opset``; ArtifactError: missing or corrupt source; ParityError: mismatch.
@@ -543,6 +555,9 @@ def export_onnx(
                         f"exporter writes opset {MIN_OPSET} or newer)")
     if not atol > 0:
         raise UserError(f"atol must be positive, got {atol!r}")
+    if optimize and fp16:
+        raise UserError("--optimize fuses float32 graphs for the CPU provider and --fp16 writes a GPU format; "
+                        "choose one")
     art = open_artifact(src)
     model = load_model(art, verify=False).float().eval()
     cfg = art.model_config or {}
@@ -606,7 +621,8 @@ def export_onnx(
                 "text": torch.from_numpy(random_tokens(2, context_length, EOT_ID, seed=7))}
     modules = {"image": image_enc(model),
                "text": text_enc(model, None if lookup is None else torch.from_numpy(lookup))}
-    options = {"opset": opset, "fp16": fp16, "atol": atol, "parity_data": str(parity_data) if parity_data else None}
+    options = {"opset": opset, "fp16": fp16, "atol": atol, "parity_data": str(parity_data) if parity_data else None,
+               "optimize": optimize}
 
     with write_artifact(out, stage="export", parent=src, force=force, extra_lineage={"export": options}) as tmp:
         external: dict[str, bool] = {}
@@ -630,6 +646,7 @@ def export_onnx(
         log.info("float32 parity: max abs diff %.3g over %d outputs", fp32.max_diff, len(fp32.diffs))
         norms = np.concatenate([np.linalg.norm(fp32_run(case), axis=1) for case in cases])
         normalized = bool(np.all(np.abs(norms - 1.0) < 1e-4))  # preprocess.json tells clients
+        fused = _optimize_towers(tmp, cases, lambda c: refs[c.key], atol, external) if optimize else None
         fp16_result: ParityResult | None = None
         fp16_skipped: str | None = None
         if fp16:
@@ -661,6 +678,7 @@ def export_onnx(
             "atol": atol,
             "parity": {"float32": fp32.diffs, "float16": fp16_result.diffs if fp16_result else None},
             "max_diff": fp32.max_diff,
+            "optimize": fused,
             "max_diff_fp16": fp16_result.max_diff if fp16_result else None,
             "fp16_atol": max(atol, FP16_ATOL) if fp16 else None,
             "fp16_parity_skipped": fp16_skipped,
@@ -672,10 +690,64 @@ def export_onnx(
             "context_length": context_length,
             "embed_dim": embed_dim,
         }
+        if fused is not None:
+            diffs = {k: v for entry in fused.values() if entry["fused"] for k, v in entry["parity"].items()}
+            report["parity"]["fused"] = diffs
+            report["max_diff"] = max(fp32.max_diff, max(diffs.values(), default=0.0))
         write_json(tmp / REPORT_FILE, report)
     report["path"] = str(out)
     log.info("exported %s -> %s (max abs diff %.3g)", src, out, report["max_diff"])
     return report
+
+
+def _optimize_towers(folder: Path, cases: list[Case], reference: Any, atol: float,
+                     external: dict[str, bool]) -> dict[str, Any]:
+    """Fuse each tower file in ``folder`` (:func:`.fusion.fuse_tower`) and keep the fused graph only when it passes
+    the same parity checks (``cases`` against the PyTorch ``reference``, ``atol``) as the unfused one; otherwise
+    the unfused file stays and ``fallback_reason`` says why. Returns the per-tower report entries."""
+    import tempfile
+
+    from .fusion import fuse_tower, op_counts
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tbps_fuse_") as work:
+        for tower, (filename, _) in _TOWERS.items():
+            path, candidate = folder / filename, Path(work) / filename
+            model = load_onnx(path)
+            entry: dict[str, Any] = {"fused": False, "fallback_reason": None, "ops_before": op_counts(model)}
+            try:
+                fused, info = fuse_tower(model)
+                entry.update(info)
+                save_onnx(fused, candidate)
+                check_onnx(candidate)
+                session = make_session(candidate)
+                result = check_max_abs([c for c in cases if c.tower == tower], reference,
+                                       lambda c, s=session: run_session(s, c.array), atol,
+                                       f"fused {tower} tower vs PyTorch")
+            except ParityError as exc:
+                entry["parity"] = exc.diffs
+                entry["fallback_reason"] = f"the fused graph fails parity ({str(exc)[:300]}); kept the unfused one"
+            except Exception as exc:  # onnxruntime's optimiser and loaders raise assorted types
+                entry["fallback_reason"] = (f"fusion failed ({type(exc).__name__}: {str(exc)[:300]}); kept the "
+                                            "unfused graph")
+            else:
+                entry.update(fused=True, parity=result.diffs, max_diff=result.max_diff)
+                # install the very files that passed (saving with external data moved the tensors out of `fused`)
+                data, new_data = folder / f"{filename}.data", Path(work) / f"{filename}.data"
+                if data.exists():
+                    data.unlink()
+                shutil.copyfile(candidate, path)
+                if new_data.is_file():
+                    shutil.copyfile(new_data, data)
+                external[tower] = new_data.is_file()
+                check_onnx(path)
+                log.info("%s tower fused: %d attention blocks (heads %s), %d -> %d nodes, max abs diff %.3g", tower,
+                         info["attention"]["fused"], info["attention"]["heads"], sum(entry["ops_before"].values()),
+                         sum(info["ops_after"].values()), result.max_diff)
+            if entry["fallback_reason"]:
+                log.warning("%s tower not fused: %s", tower, entry["fallback_reason"])
+            out[tower] = entry
+    return out
 
 
 def _dataset_captions(root: Path, n: int) -> list[str]:
