@@ -245,18 +245,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def _atomic_replace(path: Path, fill: Callable[[str], None]) -> None:
+    """``fill(tmp)`` writes a temporary file beside ``path`` (by name: FAISS writes to paths); it is fsynced and
+    renamed onto ``path``, or removed when anything fails."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        fill(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            write(f)
+
+    _atomic_replace(path, fill)
 
 
 def _faiss() -> Any:
@@ -555,18 +565,7 @@ class VectorStore:
     def write(self, path: Path) -> None:
         """``faiss.write_index`` to a temporary file beside ``path``, fsync, ``os.replace``."""
         faiss = _faiss()
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            faiss.write_index(self.index, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        _atomic_replace(Path(path), lambda tmp: faiss.write_index(self.index, tmp))
 
     @classmethod
     def read(cls, path: Path, kind: str, params: Mapping[str, int], dim: int) -> VectorStore:
