@@ -50,7 +50,8 @@ class Splits:
         n = self.train_captions()
         per_epoch = steps_per_epoch(n, batch_size, world_size)
         if per_epoch < 1:
-            raise ConfigError(f"optim.batch_size: {batch_size} exceeds the {n} training captions; use a smaller batch")
+            raise ConfigError(f"optim.batch_size: {batch_size} x {world_size} process(es) exceeds the {n} training "
+                              "captions; use a smaller batch")
         return per_epoch
 
 

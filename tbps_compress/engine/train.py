@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist
 from ..artifacts import METRICS, RECIPE, check_output_dir, write_artifact, write_json
 from ..config import dump_recipe
-from ..data.loader import EpochBatchSampler, ImageStore, TrainSet, steps_per_epoch
+from ..data.loader import EpochBatchSampler, ImageStore, TrainSet
 from ..data.records import TBPSDataset, remap_ids
 from ..data.splits import Splits, build_splits
 from ..devices import resolve_device
@@ -292,13 +292,7 @@ class Trainer:
         self.trainset = TrainSet(self.train_records, train_imgs, self.labels, self.tokenizer, r.augment,
                                  views=self._views(), seed=r.seed, clean=self.clean)
         b = r.optim.batch_size
-        per_epoch = steps_per_epoch(len(self.trainset), b, world)
-        if per_epoch < 1:
-            raise ConfigError(
-                f"optim.batch_size: {b} x {world} process(es) exceeds the {len(self.trainset)} training captions; "
-                "use a smaller batch"
-            )
-        self.per_epoch = per_epoch
+        per_epoch = self.per_epoch = self.splits.steps_per_epoch(b, world)
         total = per_epoch * r.optim.epochs
         if r.optim.max_steps:
             total = min(total, r.optim.max_steps)
