@@ -23,6 +23,10 @@ class DataCfg(Strict):
     cache_images: bool = Field(True, description="Decode and resize training images once, keep them in memory.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = main process).")
     on_error: Literal["raise", "skip"] = Field("raise", description="Bad annotation entries: fail or skip+count.")
+    hard_batches: float = Field(0.0, ge=0, le=1, description="Share of training batches built from groups of "
+                                                           "people described alike (TF-IDF nearest captions of "
+                                                           "other identities: hard negatives); the rest uniform.")
+    hard_batch_group: int = Field(8, ge=2, description="Samples per group in a hard batch (a seed and its nearest).")
 
 
 class ColorJitterCfg(Strict):

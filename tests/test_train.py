@@ -141,6 +141,7 @@ def _log_rows(path: Path) -> list[dict[str, str]]:
 def test_resume_reproduces_the_uninterrupted_run(make_train_recipe, tmp_path: Path) -> None:
     sections: dict[str, Any] = {
         "optim": {"epochs": 2},  # 72 training captions / 16 = 4 steps per epoch
+        "data": {"hard_batches": 0.5, "hard_batch_group": 4},  # half the batches from nearest captions
         "losses": {"n_itc": {"weight": 1.0}, "r_itc": {"weight": 1.0}, "mvs_i": {"weight": 0.5}},
         "tricks": {"text_attn_dropout": 0.1},
     }

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import math
 import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,12 +113,51 @@ class TrainSet(Dataset):
         return out
 
 
+class CaptionNeighbours:
+    """Nearest captions in TF-IDF bag-of-words space (cosine), never the same identity: the hard negatives of a
+    contrastive batch. Measured on SynthPedes's training captions: a caption and its 7 nearest share 36% of their
+    colour words (Jaccard) against 18% for random pairs (hashing the same vectors into 2**8..2**16 SimHash buckets
+    reached only 20-21%, hence exact search: 225 words, one matrix product per chunk of seeds)."""
+
+    def __init__(self, texts: Sequence[str], pids: Sequence[int]) -> None:
+        docs = [set(re.findall(r"[a-z]+", t.lower())) for t in texts]
+        vocab = {w: i for i, w in enumerate(sorted(set().union(*docs)))}
+        x = np.zeros((len(docs), max(1, len(vocab))), dtype=np.float32)
+        for i, d in enumerate(docs):
+            x[i, [vocab[w] for w in d]] = 1.0
+        x *= (np.log((1 + len(docs)) / (1 + x.sum(0))) + 1.0).astype(np.float32)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        self.x, self.pids = x, np.asarray(pids)
+
+    def __call__(self, seeds: Sequence[int], k: int, chunk: int = 256) -> np.ndarray:
+        """(len(seeds), k) sample indices, nearest first."""
+        seeds = np.asarray(seeds, dtype=np.int64)
+        out = np.empty((len(seeds), k), dtype=np.int64)
+        for a in range(0, len(seeds), chunk):
+            s = seeds[a:a + chunk]
+            sim = self.x[s] @ self.x.T
+            sim[self.pids[s][:, None] == self.pids[None, :]] = -np.inf
+            top = np.argpartition(-sim, k, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
+            out[a:a + chunk] = np.take_along_axis(top, order, axis=1)
+        return out
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Seeded permutation per epoch cut into global batches; each rank takes its slice of every global batch.
-    ``start`` skips batches already done (resume mid-epoch)."""
+    ``start`` skips batches already done (resume mid-epoch).
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    With ``neighbours`` (e.g. :class:`CaptionNeighbours`) a share ``hard_fraction`` of the batches is built from
+    seeds drawn from the permutation, each followed by its ``group - 1`` nearest samples (people described alike:
+    negatives that a single attribute cannot tell apart); the rest stay uniform and all are shuffled together. A hard
+    batch reuses samples, so an epoch then visits fewer distinct samples. The batch list is a function of
+    (seed, epoch), so resuming mid-epoch is exact."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 neighbours: Callable[..., np.ndarray] | None = None, hard_fraction: float = 0.0,
+                 group: int = 8) -> None:
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.neighbours, self.hard_fraction, self.group = neighbours, hard_fraction, group
         self.epoch = 0
         self.start = 0
 
@@ -127,12 +167,43 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return max(0, self.n // (self.batch_size * self.world) - self.start)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _hard(self, seeds: list[int], candidates: np.ndarray, fill: Iterator[int]) -> list[int]:
+        batch: list[int] = []
+        taken: set[int] = set()
+        for s, cand in zip(seeds, candidates, strict=True):
+            members = [s] + [int(c) for c in cand if int(c) not in taken and int(c) != s][:self.group - 1]
+            for m in members:
+                if m not in taken:
+                    batch.append(m)
+                    taken.add(m)
+        while len(batch) < len(seeds) * self.group:  # too few unseen neighbours: top up uniformly
+            m = next(fill)
+            if m not in taken:
+                batch.append(m)
+                taken.add(m)
+        return batch
+
+    def global_batches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
         perm = torch.randperm(self.n, generator=g).tolist()
         gb = self.batch_size * self.world
-        for b in range(self.start, self.n // gb):
-            chunk = perm[b * gb:(b + 1) * gb]
+        nb = self.n // gb
+        n_hard = round(nb * self.hard_fraction) if self.neighbours is not None else 0
+        if n_hard == 0:
+            return [perm[b * gb:(b + 1) * gb] for b in range(nb)]
+        per = max(1, gb // self.group)
+        seeds = perm[:n_hard * per]
+        rest = perm[n_hard * per:]
+        candidates = self.neighbours(seeds, min(self.n - 1, 3 * self.group))
+        fill = iter(rest[(nb - n_hard) * gb:] + perm)
+        batches = [self._hard(seeds[b * per:(b + 1) * per], candidates[b * per:(b + 1) * per], fill)[:gb]
+                   for b in range(n_hard)]
+        batches += [rest[b * gb:(b + 1) * gb] for b in range(nb - n_hard)]
+        shuffle = torch.randperm(nb, generator=g).tolist()
+        return [batches[i] for i in shuffle]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for chunk in self.global_batches()[self.start:]:
             yield chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
 

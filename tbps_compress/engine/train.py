@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from .. import distributed as dist
 from ..artifacts import METRICS, RECIPE, check_output_dir, write_artifact, write_json
 from ..config import dump_recipe
-from ..data.loader import EpochBatchSampler, ImageStore, TrainSet
+from ..data.loader import CaptionNeighbours, EpochBatchSampler, ImageStore, TrainSet
 from ..data.records import TBPSDataset, remap_ids
 from ..data.splits import Splits, build_splits
 from ..devices import resolve_device
@@ -297,7 +297,13 @@ class Trainer:
         if r.optim.max_steps:
             total = min(total, r.optim.max_steps)
         self.total_steps = total
-        sampler = EpochBatchSampler(len(self.trainset), b, r.seed, rank, world)
+        neighbours = None
+        if r.data.hard_batches > 0:
+            pairs = self.trainset.pairs
+            neighbours = CaptionNeighbours([self.train_records[ri].captions[ci] for ri, ci in pairs],
+                                           [self.labels[self.train_records[ri].pid] for ri, _ in pairs])
+        sampler = EpochBatchSampler(len(self.trainset), b, r.seed, rank, world, neighbours=neighbours,
+                                    hard_fraction=r.data.hard_batches, group=r.data.hard_batch_group)
         loader = DataLoader(self.trainset, batch_sampler=sampler, num_workers=r.data.num_workers,
                             persistent_workers=False)
         named = list(model.named_parameters()) + [(f"heads.{n}", p) for n, p in self.heads.named_parameters()]
