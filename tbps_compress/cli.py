@@ -187,12 +187,11 @@ def train(
     """Train a TBPS-CLIP teacher and write an artifact folder."""
     _setup_logging(verbose)
     from .config import load_recipe
-    from .engine.train import Trainer
     from .recipes import TrainRecipe
+    from .stages import run_stage
 
     r = load_recipe(recipe, TrainRecipe, set_)
-    out = Trainer(r, progress=RichProgress()).run(resume=resume, force=force)
-    _report_artifact(out)
+    _report_artifact(run_stage("train", r, resume=resume, force=force, progress=RichProgress()))
 
 
 def _report_artifact(out: Path) -> None:
@@ -215,12 +214,12 @@ def distill(
 ) -> None:
     """Distil a teacher artifact into a smaller student (feature, affinity, interactive, hidden-state KD)."""
     _setup_logging(verbose)
-    from .compress.distill import DistillRecipe, run_distill
+    from .compress.distill import DistillRecipe
     from .config import load_recipe
+    from .stages import run_stage
 
     r = load_recipe(recipe, DistillRecipe, set_)
-    out = run_distill(r, resume=resume, force=force, progress=RichProgress())
-    _report_artifact(out)
+    _report_artifact(run_stage("distill", r, resume=resume, force=force, progress=RichProgress()))
 
 
 @app.command()
@@ -238,12 +237,13 @@ def export(
 ) -> None:
     """Export image and text encoders to ONNX and prove parity with PyTorch."""
     _setup_logging()
-    from .export.onnx_export import export_onnx
+    from .stages import run_stage, stage_config
 
     if not onnx:
         raise UserError("export: only --onnx is supported")
-    report = export_onnx(artifact, out, opset=opset, fp16=fp16, force=force, parity_data=parity_data, atol=atol,
-                         optimize=optimize)
+    cfg = stage_config("export", {"opset": opset, "fp16": fp16, "atol": atol, "optimize": optimize}, "export",
+                       {"opset": "--opset", "atol": "--atol"})
+    report = run_stage("export", cfg, out=out, inputs={"source": artifact}, data=parity_data, force=force)
     typer.echo(f"wrote {out}: max abs diff vs PyTorch {report.get('max_diff')}")
     for tower, entry in (report.get("optimize") or {}).items():
         nodes = (sum(entry["ops_before"].values()), sum(entry.get("ops_after", entry["ops_before"]).values()))
@@ -256,7 +256,8 @@ def quantize(
     artifact: Annotated[Path, typer.Argument(help="ONNX artifact folder (from export).")],
     out: Annotated[Path, typer.Option("--out", help="Quantised artifact folder to write.")],
     mode: Annotated[str, typer.Option("--mode", help="dynamic | static | fp16")] = "dynamic",
-    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="Dataset root (static).")] = None,
+    calib_data: Annotated[Path | None, typer.Option("--calib-data", help="Dataset root for static calibration "
+                                                    "(default: --data).")] = None,
     calib_method: Annotated[str, typer.Option("--calib-method", help="minmax | entropy | percentile")] = "minmax",
     calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="Calibration samples per tower.")] = 64,
     backend: Annotated[str, typer.Option("--backend", help="ort | optimum")] = "ort",
@@ -266,11 +267,14 @@ def quantize(
 ) -> None:
     """Quantise an ONNX artifact (dynamic or static int8, fp16) into a new artifact."""
     _setup_logging()
-    from .compress.quantize import quantize_artifact
+    from .stages import run_stage, stage_config
 
-    report = quantize_artifact(artifact, out, mode=mode, calib_data=calib_data, calib_method=calib_method,
-                               calib_size=calib_size, backend=backend, towers=towers, force=force,
-                               eval_data=eval_data)
+    cfg = stage_config("quantize", {"mode": mode, "calib_data": str(calib_data) if calib_data else None,
+                                    "calib_method": calib_method, "calib_size": calib_size, "backend": backend,
+                                    "towers": towers}, "quantize",
+                       {k: "--" + k.replace("_", "-") for k in ("mode", "calib_method", "calib_size", "backend",
+                                                                 "towers")})
+    report = run_stage("quantize", cfg, out=out, inputs={"source": artifact}, data=eval_data, force=force)
     summary = {"out": str(out), "mode": report.get("mode"), "metrics": report.get("metrics")}
     for tower, entry in report.get("towers", {}).items():
         keys = ("nodes", "cosine", "size_before", "size_after", "size_ratio")
@@ -288,10 +292,11 @@ def prune(
 ) -> None:
     """Prune widths, heads and layers (torch-pruning), recovering by distillation after each round."""
     _setup_logging(verbose)
-    from .compress.prune import load_prune_recipe, run_prune
+    from .compress.prune import load_prune_recipe
+    from .stages import run_stage
 
-    out = run_prune(load_prune_recipe(recipe, set_), resume=resume, force=force, progress=RichProgress())
-    _report_artifact(out)
+    r = load_prune_recipe(recipe, set_)
+    _report_artifact(run_stage("prune", r, resume=resume, force=force, progress=RichProgress()))
 
 
 @app.command()
@@ -366,12 +371,15 @@ def bench(
     """Accuracy against latency for artifacts x runtimes x precisions: table, CSV/JSON and a Pareto plot. The options
     and --out are checked before anything is measured."""
     _setup_logging()
-    from .bench import run_bench
     from .bench.report import print_table
+    from .stages import run_stage, stage_config
 
-    rows = run_bench(artifacts, data, runtimes=runtimes, device=device, batches=batch, split=split,
-                     gallery_size=gallery_size, warmup=warmup, reps=reps, threads=threads, out=out,
-                     export_torch=export_torch, compile=compile, format=format, force=force)
+    cfg = stage_config("bench", {"runtimes": runtimes, "device": device, "batches": batch, "split": split,
+                                 "gallery_size": gallery_size, "warmup": warmup, "reps": reps, "threads": threads,
+                                 "export_torch": export_torch, "compile": compile, "format": format}, "bench",
+                       {"batches": "--batch", "runtimes": "--runtimes", "threads": "--threads",
+                        "gallery_size": "--gallery-size", "device": "--device", "reps": "--reps"})
+    rows = run_stage("bench", cfg, out=out, inputs={"artifacts": list(artifacts)}, data=data, force=force)
     print_table(rows)
     if out is not None:
         typer.echo(f"wrote {out}")

@@ -5,9 +5,11 @@ stage's resolved recipe and its parents' content hashes, recorded in ``RUN/pipel
 pipeline therefore resumes where it stopped (a training stage with a checkpoint continues from it); ``--from
 STAGE`` forces that stage and every later one.
 
+Stages are the registered ones of :mod:`tbps_compress.stages` (the CLI dispatches through the same registry).
 Before anything runs or is written (no run folder, no dataset, no stage), every stage is checked: its name is one
-plain folder name, its recipe file loads into its stage's recipe model with its ``set:`` overrides, its ``options``
-are ones its kind accepts (with values of the right type), and its folder, when it exists, was written by this
+plain folder name, its recipe file loads into its stage's recipe model with its ``set:`` overrides and the
+pipeline's paths, its ``options`` validate into its stage's config model (``ExportCfg``, ``QuantizeCfg``,
+``BenchCfg``), and its folder, when it exists, was written by this
 pipeline: the state file records each finished stage's output (content hash and files), and a folder without
 such a record, or holding other files, is refused unless ``force`` (``tbps-compress run --force``) says to replace
 it.
@@ -17,36 +19,27 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import inspect
 import json
 import logging
 import os
 import re
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .config import Strict, apply_overrides, format_validation_error, read_yaml, validate
 from .errors import ConfigError, UserError
+from .stages import get_stage, run_stage, stage_config, with_paths
 
 log = logging.getLogger(__name__)
 
-STAGE_KINDS = ("train", "distill", "prune", "export", "quantize", "bench")
-RECIPE_KINDS = ("train", "distill", "prune")
 STATE_FILE = "pipeline_state.json"
 OUTPUTS_KEY = "@outputs"  # state entry: stage name -> {"hash", "files"} of the output it wrote ('@': no stage name)
 BENCH_MARKER = "bench.json"
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-# Keyword arguments of a stage's function that the pipeline itself passes (not options).
-_PIPELINE_ARGS = {
-    "export": {"artifact", "out", "force", "parity_data"},
-    "quantize": {"src", "out", "force", "eval_data"},
-    "bench": {"artifacts", "data", "out", "meta", "force"},
-}
 
 
 class SynthCfg(Strict):
@@ -68,13 +61,23 @@ class SynthCfg(Strict):
 
 class StageCfg(Strict):
     name: str = Field(..., description="Stage name; also the folder name under run_dir (letters, digits, - _ .).")
-    kind: Literal["train", "distill", "prune", "export", "quantize", "bench"]
+    kind: str = Field(..., description="A registered stage kind: train, distill, prune, export, quantize, bench.")
     recipe: str | None = Field(None, description="Stage recipe YAML (train / distill / prune).")
     set: list[str] = Field(default_factory=list, description="Overrides key.path=value for the stage recipe.")
     source: str | None = Field(None, description="Name of the stage whose artifact this stage reads.")
     teacher: str | None = Field(None, description="Name of the stage whose artifact is the teacher.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of export/quantize/bench.")
+    options: dict[str, Any] = Field(default_factory=dict, description="export / quantize / bench: the keys of "
+                                                                     "ExportCfg / QuantizeCfg / BenchCfg.")
     artifacts: list[str] = Field(default_factory=list, description="bench: the stages to benchmark.")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        from .stages import stage_kinds
+
+        if v not in stage_kinds():
+            raise ValueError(f"unknown stage kind {v!r}; choose one of {', '.join(stage_kinds())}")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -103,12 +106,12 @@ class PipelineRecipe(Strict):
             for ref in [st.source, st.teacher, *st.artifacts]:
                 if ref is not None and ref not in names:
                     raise ValueError(f"stage '{st.name}' refers to '{ref}', which is not an earlier stage")
-            if st.kind in ("train", "distill", "prune") and not st.recipe:
+            stage = get_stage(st.kind)
+            if stage.recipe and not st.recipe:
                 raise ValueError(f"stage '{st.name}' ({st.kind}) needs a recipe")
-            if st.kind in ("distill", "prune") and not st.teacher:
-                raise ValueError(f"stage '{st.name}' ({st.kind}) needs a teacher stage")
-            if st.kind in ("export", "quantize") and not st.source:
-                raise ValueError(f"stage '{st.name}' ({st.kind}) needs a source stage")
+            for role in stage.required:
+                if role != "artifacts" and getattr(st, role) is None:
+                    raise ValueError(f"stage '{st.name}' ({st.kind}) needs a {role} stage")
             names.append(st.name)
         return self
 
@@ -118,68 +121,10 @@ def load_pipeline(path: Path, overrides: list[str] | None = None) -> PipelineRec
     return validate(PipelineRecipe, data, str(path))
 
 
-def _recipe_model(kind: str) -> type[BaseModel]:
-    if kind == "train":
-        from .recipes import TrainRecipe
-
-        return TrainRecipe
-    if kind == "distill":
-        from .compress.distill import DistillRecipe
-
-        return DistillRecipe
-    from .compress.prune import PruneRecipe
-
-    return PruneRecipe
-
-
-def _stage_function(kind: str) -> Callable[..., Any]:
-    if kind == "export":
-        from .export.onnx_export import export_onnx
-
-        return export_onnx
-    if kind == "quantize":
-        from .compress.quantize import quantize_artifact
-
-        return quantize_artifact
-    from .bench.runner import run_bench
-
-    return run_bench
-
-
-def _option_parsers(kind: str) -> dict[str, Callable[[Any], Any]]:
-    """Options a stage checks with its own parser (raising :class:`UserError`): name -> parser."""
-    if kind == "quantize":
-        from .compress.quantize import BACKENDS, CALIB_METHODS, MODES, _parse_towers
-
-        def choice(allowed: tuple[str, ...]) -> Callable[[Any], Any]:
-            def check(value: Any) -> Any:
-                if value not in allowed:
-                    raise UserError(f"got {value!r}; choose one of {', '.join(allowed)}")
-                return value
-
-            return check
-
-        return {"mode": choice(MODES), "calib_method": choice(CALIB_METHODS), "backend": choice(BACKENDS),
-                "towers": _parse_towers}
-    if kind == "bench":
-        from .bench.runner import parse_int_list, parse_runtimes
-
-        return {"runtimes": parse_runtimes, "batches": parse_int_list}
-    return {}
-
-
-def stage_options(kind: str) -> dict[str, Any]:
-    """The ``options`` a stage kind accepts: name -> type annotation (``Any`` when it cannot be resolved)."""
-    if kind in RECIPE_KINDS:
-        return {}
-    fn = _stage_function(kind)
-    try:
-        hints = typing.get_type_hints(fn)
-    except (NameError, TypeError):  # an annotation that does not resolve: check the names only
-        hints = {}
-    params = inspect.signature(fn).parameters
-    return {name: hints.get(name, Any) for name, p in params.items()
-            if name not in _PIPELINE_ARGS[kind] and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+def _recipe_paths(kind: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Recipe keys that hold a recipe stage's input artifacts."""
+    keys = {"teacher": "teacher.artifact", "source": "source"}
+    return {keys[role]: path for role, path in inputs.items() if role in keys and role in get_stage(kind).inputs}
 
 
 def _hash(obj: Any) -> str:
@@ -214,7 +159,7 @@ class Pipeline:
         self.data = Path(recipe.data)
         self.progress_factory = progress_factory
         self.state_path = self.run_dir / STATE_FILE
-        self._recipes: dict[str, BaseModel] = {}
+        self._configs: dict[str, BaseModel] = {}  # stage name -> its validated recipe or options
 
     def _state(self) -> dict[str, Any]:
         try:
@@ -234,15 +179,18 @@ class Pipeline:
     def _where(self, st: StageCfg) -> str:
         return f"{self.recipe_path}: stage '{st.name}' ({st.kind})"
 
-    def _stage_overrides(self, st: StageCfg) -> list[str]:
-        """What the pipeline sets in a recipe stage's recipe (after the stage's own ``set:``)."""
-        common = [f"output={self.out(st.name)}", f"data.root={self.data}"]
-        if st.kind == "distill":
-            common.append(f"teacher.artifact={self.out(st.teacher)}")
+    def stage_inputs(self, st: StageCfg) -> dict[str, Any]:
+        """The stage's input artifacts by role (the folders of the stages it names)."""
+        inputs: dict[str, Any] = {}
+        if st.teacher:
+            inputs["teacher"] = self.out(st.teacher)
+        if st.source:
+            inputs["source"] = self.out(st.source)
         elif st.kind == "prune":
-            src = self.out(st.source) if st.source else self.out(st.teacher)
-            common += [f"teacher.artifact={self.out(st.teacher)}", f"source={src}"]
-        return common
+            inputs["source"] = self.out(st.teacher)  # pruning starts from the teacher unless told otherwise
+        if st.artifacts:
+            inputs["artifacts"] = [self.out(a) for a in st.artifacts]
+        return inputs
 
     def load_stage_recipe(self, st: StageCfg) -> BaseModel:
         """The stage's recipe file with its ``set:`` overrides and the pipeline's paths, validated; errors name the
@@ -257,58 +205,52 @@ class Pipeline:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         data = apply_overrides(data, st.set, source=f"{where}: set:")
-        data = apply_overrides(data, self._stage_overrides(st), source=f"{where}: pipeline path")
-        try:
-            return _recipe_model(st.kind).model_validate(data)
+        src = f"{where}: recipe {path}" + (" with the stage's set: overrides" if st.set else "")
+        recipe = stage_config(st.kind, data, src)
+        try:  # the pipeline's paths (output, data, input artifacts), checked by the recipe's own validators too
+            return with_paths(recipe, self.out(st.name), self.data, _recipe_paths(st.kind, self.stage_inputs(st)))
         except ValidationError as exc:
-            src = f"{where}: recipe {path}" + (" with the stage's set: overrides" if st.set else "")
-            raise ConfigError(format_validation_error(exc, src)) from exc
+            raise ConfigError(format_validation_error(exc, f"{where}: recipe {path} with the pipeline's paths")) \
+                from exc
 
     def _check_options(self, st: StageCfg) -> None:
+        """A recipe stage takes no options; any other stage's options are validated into its config model."""
         where = self._where(st)
-        accepted = stage_options(st.kind)
-        if st.kind in RECIPE_KINDS:
+        stage = get_stage(st.kind)
+        if stage.recipe:
             if st.options:
                 raise ConfigError(f"{where}: takes no options (got {sorted(st.options)}); set recipe keys with "
                                   "'set: [key.path=value]'")
             return
+        accepted = sorted(stage.config.model_fields)
         if st.recipe or st.set:
             raise ConfigError(f"{where}: takes no recipe and no set: overrides; give its settings as options "
-                              f"(valid keys: {', '.join(sorted(accepted))})")
-        parsers = _option_parsers(st.kind)
-        for key, value in st.options.items():
+                              f"(valid keys: {', '.join(accepted)})")
+        for key in st.options:
             if key not in accepted:
-                close = difflib.get_close_matches(key, list(accepted), n=1)
+                close = difflib.get_close_matches(key, accepted, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"{where}: unknown option '{key}'{hint}; valid options: "
-                                  f"{', '.join(sorted(accepted))}")
-            if key in parsers:  # the stage's own parser (it accepts more than the annotation says)
-                try:
-                    parsers[key](value)
-                except UserError as exc:
-                    raise ConfigError(f"{where}: option '{key}': {exc}") from None
-                continue
-            annotation = accepted[key]
-            if annotation is Any:
-                continue
-            try:
-                adapter = TypeAdapter(annotation)
-            except Exception:  # noqa: BLE001 - a type pydantic cannot validate: the name check is all
-                continue
-            try:
-                adapter.validate_python(value)
-            except ValidationError as exc:
-                msg = exc.errors()[0]["msg"] if exc.errors() else str(exc)
-                raise ConfigError(f"{where}: option '{key}': {msg} (got {value!r})") from None
+                raise ConfigError(f"{where}: unknown option '{key}'{hint}; valid options: {', '.join(accepted)}")
+        try:
+            self._configs[st.name] = stage.config.model_validate(st.options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(x) for x in err["loc"]) or "(options)"
+            msg = err["msg"]
+            if err["type"] == "value_error":
+                msg = msg.removeprefix("Value error, ")
+            else:
+                msg = f"{msg} (got {err.get('input')!r})"
+            raise ConfigError(f"{where}: option '{key}': {msg}") from None
 
     def validate_stages(self) -> None:
         """Check every stage's recipe (with its ``set:``) and options; raise :class:`ConfigError` naming the pipeline
         file and the stage. Nothing is written."""
-        self._recipes = {}
+        self._configs = {}
         for st in self.recipe.stages:
             self._check_options(st)
-            if st.kind in RECIPE_KINDS:
-                self._recipes[st.name] = self.load_stage_recipe(st)
+            if get_stage(st.kind).recipe:
+                self._configs[st.name] = self.load_stage_recipe(st)
 
     def _foreign(self, st: StageCfg, out: Path, state: dict[str, Any]) -> str | None:
         """Why ``out`` must not be replaced by this pipeline (``None``: absent, empty, or this pipeline's output)."""
@@ -439,38 +381,11 @@ class Pipeline:
     # each stage kind -------------------------------------------------------------------------------------------
     def _run_stage(self, st: StageCfg, out: Path, force: bool, resume: bool) -> Any:
         progress = self.progress_factory() if self.progress_factory else None
-        if st.kind in RECIPE_KINDS:
-            r = self._recipes.get(st.name) or self.load_stage_recipe(st)
-        if st.kind == "train":
-            from .engine.train import Trainer
-
-            return Trainer(r, progress=progress).run(resume=resume, force=force)
-        if st.kind == "distill":
-            from .compress.distill import run_distill
-
-            return run_distill(r, resume=resume, force=force, progress=progress)
-        if st.kind == "prune":
-            from .compress.prune import run_prune
-
-            return run_prune(r, resume=resume, force=force, progress=progress)
-        if st.kind == "export":
-            from .export.onnx_export import export_onnx
-
-            return export_onnx(self.out(st.source), out, force=force, parity_data=self.data, **st.options)
-        if st.kind == "quantize":
-            from .compress.quantize import quantize_artifact
-
-            opts = {"mode": "dynamic", **st.options}
-            if opts["mode"] == "static":
-                opts.setdefault("calib_data", self.data)
-            return quantize_artifact(self.out(st.source), out, force=force, eval_data=self.data, **opts)
-        if st.kind == "bench":
-            from .bench.runner import run_bench
-
-            arts = [self.out(a) for a in st.artifacts]
-            # the folder was checked to be this pipeline's own output (check_stage_folders) before any stage ran
-            return run_bench(arts, self.data, out=out, **{**st.options, "force": True})
-        raise ConfigError(f"unknown stage kind {st.kind}")
+        if st.name not in self._configs:
+            self.validate_stages()
+        # a bench folder was checked to be this pipeline's own output (check_stage_folders) before any stage ran
+        return run_stage(st.kind, self._configs[st.name], out=out, inputs=self.stage_inputs(st), data=self.data,
+                         force=force, resume=resume, progress=progress)
 
     @staticmethod
     def _resumable(out: Path) -> bool:

@@ -171,3 +171,89 @@ class TrainRecipe(Strict):
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) must not exceed optim.lr ({self.optim.lr})")
         return self
+
+
+# ------------------------------------------------------------------------------------- export / quantize / bench
+# The settings of the stages that take no recipe file: built from the CLI's flags or from a pipeline stage's
+# ``options`` (see ``tbps_compress.stages``). A stage-specific parser keeps its own one-line message.
+def _checked(parse: Any, value: Any) -> Any:
+    from .errors import UserError
+
+    try:
+        return parse(value)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class ExportCfg(Strict):
+    """``tbps-compress export``: ONNX export with parity checks."""
+
+    opset: int = Field(18, ge=18, description="ONNX opset (>= 18, the dynamo exporter's minimum).")
+    fp16: bool = Field(False, description="Also write fp16 graphs (a GPU format).")
+    atol: float = Field(1e-4, gt=0, description="Largest absolute difference allowed against PyTorch.")
+    optimize: bool = Field(False, description="Fuse attention, Gelu, LayerNorm and biases for the CPU provider "
+                                              "(per-tower parity; a tower that fails stays unfused).")
+
+
+class QuantizeCfg(Strict):
+    """``tbps-compress quantize``: an ONNX artifact to int8 (dynamic / static) or fp16."""
+
+    mode: str = Field("dynamic", description="dynamic | static | fp16")
+    calib_data: str | None = Field(None, description="Dataset root for static calibration (default: the stage's "
+                                                     "dataset).")
+    calib_method: str = Field("minmax", description="minmax | entropy | percentile (static).")
+    calib_size: int = Field(64, ge=1, description="Calibration samples per tower.")
+    backend: str = Field("ort", description="ort | optimum")
+    towers: tuple[str, ...] = Field(("image", "text"), description="Towers to quantise (image, text).")
+    op_types: list[str] | None = Field(None, description="Operator types to quantise (default per mode).")
+
+    @field_validator("mode", "calib_method", "backend")
+    @classmethod
+    def _choice(cls, v: str, info: Any) -> str:
+        from .compress.quantize import BACKENDS, CALIB_METHODS, MODES
+
+        allowed = {"mode": MODES, "calib_method": CALIB_METHODS, "backend": BACKENDS}[info.field_name]
+        if v not in allowed:
+            raise ValueError(f"got {v!r}; choose one of {', '.join(allowed)}")
+        return v
+
+    @field_validator("towers", mode="before")
+    @classmethod
+    def _towers(cls, v: Any) -> Any:
+        from .compress.quantize import _parse_towers
+
+        return _checked(_parse_towers, v)
+
+
+class BenchCfg(Strict):
+    """``tbps-compress bench``: accuracy against latency for artifacts x runtimes x precisions."""
+
+    runtimes: list[str] = Field(default_factory=lambda: ["torch", "onnxruntime"], description="torch, onnxruntime")
+    device: str = Field("cpu", description="cpu | cuda | cuda:N")
+    batches: list[int] = Field(default_factory=lambda: [1, 32], description="Image batch sizes timed.")
+    split: str = Field("test", description="Dataset split of the retrieval metrics.")
+    gallery_size: int = Field(10_000, ge=1, description="Embeddings in the search-latency gallery.")
+    warmup: int = Field(3, ge=0)
+    reps: int = Field(20, ge=1)
+    threads: int | None = Field(None, ge=1, description="Intra-op threads (default: the library's).")
+    export_torch: bool = Field(False, description="Export torch artifacts for onnxruntime too.")
+    compile: bool = Field(False, description="Also time torch.compile (CUDA).")
+    precisions: list[str] | None = Field(None, description="Keep only these PyTorch precisions (default: all).")
+    max_time_s: float | None = Field(60.0, gt=0, description="Stop timing one measurement after this long.")
+    topk: int = Field(10, ge=1)
+    format: str | None = Field(None, description="Dataset format (None = detect).")
+    retrieval_batch: int = Field(128, ge=1, description="Batch size of the retrieval-metric embedding.")
+
+    @field_validator("runtimes", mode="before")
+    @classmethod
+    def _runtimes(cls, v: Any) -> Any:
+        from .bench.runner import parse_runtimes
+
+        return _checked(parse_runtimes, v)
+
+    @field_validator("batches", mode="before")
+    @classmethod
+    def _batches(cls, v: Any) -> Any:
+        from .bench.runner import parse_int_list
+
+        return _checked(parse_int_list, v)
