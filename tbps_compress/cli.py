@@ -446,8 +446,9 @@ def search(
     sheet: Annotated[Path | None, typer.Option("--sheet", help="Write a contact sheet PNG.")] = None,
     html: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page.")] = None,
     index: Annotated[str | None, typer.Option(
-        "--index", help="Index kind: flat (exact, default for a new index) | hnsw | ivfpq | ivfsq8 (approximate, "
-        "for large galleries); default: keep the saved index's kind.")] = None,
+        "--index", help="Index kind: flat (exact, default for a new index) | flat16 (every vector compared, stored "
+        "in float16: half the memory and time) | hnsw | ivfpq | ivfsq8 (approximate, for large galleries); "
+        "default: keep the saved index's kind.")] = None,
     index_param: Annotated[list[str] | None, typer.Option(
         "--index-param", help="Index parameter KEY=VALUE, repeatable: hnsw M, ef_construction, ef_search; ivfpq "
         "nlist, m, nbits, nprobe; ivfsq8 nlist, nprobe.")] = None,

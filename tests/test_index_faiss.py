@@ -197,6 +197,31 @@ def test_kind_conversion_search_params_and_ivf(tmp_path):
     assert sorted(sq._store.ids()) == sorted(r.id for r in sq.rows)
 
 
+def test_flat16_stores_half_and_ranks_like_flat(tmp_path):
+    gallery = _gallery(tmp_path / "g", 30)
+    flat, _ = _open(gallery)
+    want = flat.search("query", 6)[0]
+    half, enc = _open(gallery, spec="flat16")  # converted from flat's stored vectors: nothing re-embedded
+    assert enc.images == 0 and half.stats.converted and half.kind == "flat16"
+    got = half.search("query", 6)[0]
+    assert [p for p, _ in got] == [p for p, _ in want]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(got, want, strict=True)) < 1e-3
+    _image(gallery / "zz.png", seed=77)
+    (gallery / "p004.png").unlink()
+    half, enc = _open(gallery)  # incremental: one embedded, one removed, the kind kept
+    assert enc.images == 1 and len(half) == 30 and half.kind == "flat16"
+    assert [p for p, _ in half.search("query", 5)[0]] == _brute(half, "query", 5)
+    ids = np.arange(1, 2001, dtype=np.int64)
+    vecs = np.random.default_rng(0).standard_normal((2000, 64)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    a, b = VectorStore.build("flat", ids, vecs), VectorStore.build("flat16", ids, vecs)
+    a.write(tmp_path / "a.faiss")
+    b.write(tmp_path / "b.faiss")
+    assert (tmp_path / "b.faiss").stat().st_size < 0.55 * (tmp_path / "a.faiss").stat().st_size
+    with pytest.raises(ValueError, match="holds a IndexFlat"):
+        VectorStore.read(tmp_path / "a.faiss", "flat16", {}, 64)
+
+
 def test_ivfpq_vector_store_recall():
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((20, 32)).astype(np.float32)
@@ -269,7 +294,7 @@ def test_where_parse_errors(where, message):
 
 
 def test_spec_errors():
-    with pytest.raises(UserError, match="--index annoy: unknown index kind; choose one of flat, hnsw"):
+    with pytest.raises(UserError, match="--index annoy: unknown index kind; choose one of flat, flat16, hnsw"):
         IndexSpec("annoy")
     with pytest.raises(UserError, match="--index-param efsearch: not a parameter of --index hnsw; valid: M, "):
         IndexSpec.parse("hnsw", ["efsearch=4"])
@@ -475,7 +500,8 @@ def test_search_scale_benchmark_small(tmp_path, benchmark_script, capsys):
     assert rc == 0
     result = json.loads(out.with_suffix(".json").read_text())
     kinds = {r["index"] for r in result["rows"]}
-    assert {"old (npy + cosine_topk)", "flat", "hnsw", "ivfpq", "ivfsq8"} <= kinds
+    assert {"old (npy + cosine_topk)", "flat", "flat16", "hnsw", "ivfpq", "ivfsq8"} <= kinds
+    assert next(r for r in result["rows"] if r["index"] == "flat16")["recall_at_10"] >= 0.99
     for r in result["rows"]:
         assert r["single_p50_ms"] > 0 and r["batch_ms"] > 0 and r["index_bytes"] > 0
         assert 0.0 <= r["recall_at_10"] <= 1.0
