@@ -139,30 +139,16 @@ def build_candidates(work: Path, threads: int) -> dict[str, dict[str, Callable[[
     import numpy as np
     import torch
 
-    from tbps_compress.artifacts import write_artifact
-    from tbps_compress.compress.quantize import quantize_artifact
-    from tbps_compress.export.onnx_export import export_onnx
+    from tbps_compress.bench.zoo import random_artifacts
     from tbps_compress.models.config import image_size_hw
-    from tbps_compress.models.factory import build_model
-    from tbps_compress.models.io import save_model
+    from tbps_compress.models.io import load_model
     from tbps_compress.models.tokenizer import get_tokenizer
     from tbps_compress.runtime import OnnxEncoder
 
-    torch.manual_seed(0)
-    models = {}
-    for role, name in (("teacher", TEACHER), ("student", STUDENT)):
-        t0 = time.perf_counter()
-        models[role] = build_model(name).eval()
-        log.info("built %s (%s) in %.1f s", role, name, time.perf_counter() - t0)
-    student_dir = work / "student"
-    with write_artifact(student_dir, stage="ci-latency") as tmp:
-        save_model(models["student"], tmp)
     t0 = time.perf_counter()
-    export_onnx(student_dir, work / "student-onnx")
-    log.info("exported the student to ONNX in %.1f s", time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    quantize_artifact(work / "student-onnx", work / "student-int8", mode="dynamic")
-    log.info("quantised the student (dynamic int8) in %.1f s", time.perf_counter() - t0)
+    arts = random_artifacts(work, [TEACHER], ("torch",)) | random_artifacts(work, [STUDENT], ("torch", "onnx", "int8"))
+    log.info("built the teacher and the student (PyTorch, ONNX, int8) in %.1f s", time.perf_counter() - t0)
+    models = {"teacher": load_model(arts[TEACHER]["torch"]), "student": load_model(arts[STUDENT]["torch"])}
 
     fns: dict[str, dict[str, Callable[[], Any]]] = {"image": {}, "text": {}}
     gen = torch.Generator().manual_seed(0)
@@ -184,8 +170,8 @@ def build_candidates(work: Path, threads: int) -> dict[str, dict[str, Callable[[
         fns["text"][f"{role}_pt"] = run_text
     h, w = image_size_hw(models["student"].tbps_config)
     images_np = np.random.default_rng(0).standard_normal((IMAGE_BATCH, 3, h, w), dtype=np.float32)
-    for key, folder in (("student_ort", "student-onnx"), ("student_int8", "student-int8")):
-        enc = OnnxEncoder(work / folder, threads=threads)
+    for key, folder in (("student_ort", arts[STUDENT]["onnx"]), ("student_int8", arts[STUDENT]["int8"])):
+        enc = OnnxEncoder(folder, threads=threads)
         s_img, s_txt = enc.image_session, enc.text_session
         tokens_np = enc.tokenizer([CAPTION] * TEXT_BATCH)
         fns["image"][key] = lambda s=s_img, x=images_np: s.run(["embedding"], {"image": x})

@@ -26,41 +26,6 @@ from pathlib import Path
 DEFAULT_MODELS = "tbps-vit-b-16,tbps-vit-s-16,tbps-vit-t-16"
 
 
-def make_artifacts(work: Path, models: list[str], onnx: bool, int8: bool) -> tuple[list[Path], list[Path]]:
-    """Random-weight artifacts per model config (PyTorch, and ONNX fp32 / int8 when asked); existing ones are
-    reused. Returns (PyTorch artifacts, ONNX artifacts)."""
-    import torch
-
-    from tbps_compress.artifacts import write_artifact
-    from tbps_compress.compress.quantize import quantize_artifact
-    from tbps_compress.export.onnx_export import export_onnx
-    from tbps_compress.models.factory import build_model
-    from tbps_compress.models.io import save_model
-
-    log = logging.getLogger("shape_latency")
-    torch_arts, onnx_arts = [], []
-    for name in models:
-        src = work / name
-        if not src.exists():
-            torch.manual_seed(0)
-            with write_artifact(src, stage="random-init", extra_lineage={"note": "random weights for latency"}) as t:
-                save_model(build_model(name), t)
-        torch_arts.append(src)
-        if onnx:
-            t0 = time.perf_counter()
-            if not (work / f"{name}-onnx").exists():
-                export_onnx(src, work / f"{name}-onnx")
-                log.info("exported %s in %.0f s", name, time.perf_counter() - t0)
-            onnx_arts.append(work / f"{name}-onnx")
-            if int8:
-                t0 = time.perf_counter()
-                if not (work / f"{name}-int8").exists():
-                    quantize_artifact(work / f"{name}-onnx", work / f"{name}-int8", mode="dynamic")
-                    log.info("quantised %s in %.0f s", name, time.perf_counter() - t0)
-                onnx_arts.append(work / f"{name}-int8")
-    return torch_arts, onnx_arts
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="report folder")
@@ -83,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tbps_compress.bench import parse_runtimes, run_bench
     from tbps_compress.bench.report import markdown_table, print_table, write_report
+    from tbps_compress.bench.zoo import random_artifacts
 
     runtimes = parse_runtimes(args.runtimes)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -90,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="shape-latency-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        torch_arts, onnx_arts = make_artifacts(work, models, "onnxruntime" in runtimes, not args.no_int8)
+        forms = ("torch",) + (("onnx",) + (() if args.no_int8 else ("int8",)) if "onnxruntime" in runtimes else ())
+        arts = random_artifacts(work, models, forms)
+        torch_arts = [a["torch"] for a in arts.values()]
+        onnx_arts = [a[f] for a in arts.values() for f in ("onnx", "int8") if f in a]
         common = dict(device=args.device, batches=args.batches, warmup=args.warmup, reps=args.reps,
                       threads=args.threads, gallery_size=args.gallery_size, max_time_s=args.max_time_s,
                       compile=args.compile,
