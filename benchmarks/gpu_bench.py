@@ -2,11 +2,9 @@
 at 384x128) against the student shapes (``tbps-vit-s-16``, ``tbps-vit-t-16``), PyTorch eager in fp32 / fp16 / bf16
 (optionally ``torch.compile``), plus onnxruntime's CUDA provider when onnxruntime-gpu is installed.
 
-Made for a short session on a lent GPU machine without internet: it needs only ``torch`` (and numpy). When
-``open_clip`` is importable the product's ``build_model`` builds the models; otherwise a standalone re-implementation
-of the same architecture (same modules, parameter names and operations as open_clip's towers with
-``PrunableAttention``; tests/test_bench.py checks it gives the product's outputs for the product's weights) is used.
-The ``impl`` in the report says which. Every measurement is bounded (``--budget-s`` for the whole run, at most
+Made for a short session on a lent GPU machine without internet: the models are the product's (``build_model``,
+open_clip towers), so the machine needs the package's dependencies; those it lacks travel as wheels in ``.whl/``
+(``benchmarks/gpu_check.sh`` installs them). Every measurement is bounded (``--budget-s`` for the whole run, at most
 ``--max-time-s`` per measurement), so the run ends in a few minutes.
 
 Usage, from the repository root (no install needed)::
@@ -25,7 +23,6 @@ import logging
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -37,126 +34,11 @@ SOT = 49406
 log = logging.getLogger("gpu_bench")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# standalone model (open_clip's CLIP towers with PrunableAttention, in plain torch)
-# ---------------------------------------------------------------------------------------------------------------------
+def build(cfg: dict[str, Any]) -> Any:
+    """The product's model for a config (open_clip towers; random weights from the caller's seed)."""
+    from tbps_compress.models.factory import build_model
 
-
-def standalone_clip(cfg: dict[str, Any]) -> Any:
-    """An ``nn.Module`` with open_clip's CLIP structure and parameter names for a tbps_compress model config:
-    ``encode_image(images, normalize)`` and ``encode_text(tokens, normalize)`` (argmax pooling)."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    from tbps_compress.models.config import block_sizes, image_size_hw
-
-    class QuickGELU(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * torch.sigmoid(1.702 * x)
-
-    class Attention(nn.Module):
-        def __init__(self, dim: int, heads: int, head_dim: int) -> None:
-            super().__init__()
-            self.num_heads = heads
-            self.qkv = nn.Linear(dim, 3 * heads * head_dim)
-            self.proj = nn.Linear(heads * head_dim, dim)
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-            b, n, _ = x.shape
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            return self.proj(out.transpose(1, 2).reshape(b, n, -1))
-
-    class Block(nn.Module):
-        def __init__(self, dim: int, size: dict[str, int], quick: bool) -> None:
-            super().__init__()
-            self.ln_1 = nn.LayerNorm(dim)
-            self.attn = Attention(dim, size["heads"], size["head_dim"])
-            self.ln_2 = nn.LayerNorm(dim)
-            self.mlp = nn.Sequential(OrderedDict([
-                ("c_fc", nn.Linear(dim, size["mlp_dim"])),
-                ("gelu", QuickGELU() if quick else nn.GELU()),
-                ("c_proj", nn.Linear(size["mlp_dim"], dim)),
-            ]))
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-            x = x + self.attn(self.ln_1(x), mask)
-            return x + self.mlp(self.ln_2(x))
-
-    class Transformer(nn.Module):
-        def __init__(self, dim: int, sizes: list[dict[str, int]], quick: bool) -> None:
-            super().__init__()
-            self.resblocks = nn.ModuleList(Block(dim, s, quick) for s in sizes)
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-            for blk in self.resblocks:
-                x = blk(x, mask)
-            return x
-
-    quick = bool(cfg.get("quick_gelu", False))
-    v, t, embed = cfg["vision_cfg"], cfg["text_cfg"], int(cfg["embed_dim"])
-    h, w = image_size_hw(cfg)
-    p = int(v["patch_size"])
-    grid = (h // p) * (w // p)
-
-    class Visual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            width = int(v["width"])
-            scale = width**-0.5
-            self.conv1 = nn.Conv2d(3, width, kernel_size=p, stride=p, bias=False)
-            self.class_embedding = nn.Parameter(scale * torch.randn(width))
-            self.positional_embedding = nn.Parameter(scale * torch.randn(grid + 1, width))
-            self.ln_pre = nn.LayerNorm(width)
-            self.transformer = Transformer(width, block_sizes(cfg, "vision"), quick)
-            self.ln_post = nn.LayerNorm(width)
-            self.proj = nn.Parameter(scale * torch.randn(width, embed))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.conv1(x).flatten(2).transpose(1, 2)
-            cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
-            x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-            x = self.transformer(self.ln_pre(x))
-            return self.ln_post(x)[:, 0] @ self.proj
-
-    class CLIP(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            width, n = int(t["width"]), int(t["context_length"])
-            self.visual = Visual()
-            self.token_embedding = nn.Embedding(int(t["vocab_size"]), width)
-            self.positional_embedding = nn.Parameter(torch.randn(n, width) * 0.01)
-            self.transformer = Transformer(width, block_sizes(cfg, "text"), quick)
-            self.ln_final = nn.LayerNorm(width)
-            self.text_projection = nn.Parameter(torch.randn(width, embed) * width**-0.5)
-            self.logit_scale = nn.Parameter(torch.tensor(2.6592))
-            self.register_buffer("attn_mask", torch.full((n, n), float("-inf")).triu_(1), persistent=False)
-            self.tbps_config = cfg
-
-        def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-            x = self.visual(images)
-            return F.normalize(x, dim=-1) if normalize else x
-
-        def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-            x = self.token_embedding(text) + self.positional_embedding
-            x = self.ln_final(self.transformer(x, self.attn_mask.to(x.dtype)))
-            x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)] @ self.text_projection
-            return F.normalize(x, dim=-1) if normalize else x
-
-    return CLIP()
-
-
-def build(cfg: dict[str, Any]) -> tuple[Any, str]:
-    """The product's model when open_clip is importable, else the standalone one; returns (model, impl)."""
-    try:
-        import open_clip  # noqa: F401
-
-        from tbps_compress.models.factory import build_model
-    except Exception as exc:  # ImportError, or open_clip's own import failures (e.g. torchvision mismatch)
-        log.info("open_clip unavailable (%s): using the standalone model", str(exc).splitlines()[0][:120])
-        return standalone_clip(cfg), "standalone"
-    return build_model(cfg), "open_clip"
+    return build_model(cfg)
 
 
 def caption_tokens(context_length: int, n: int = CAPTION_TOKENS, seed: int = 0) -> Any:
@@ -185,7 +67,7 @@ class Budget:
 
 
 def base_row(name: str, cfg: dict[str, Any], runtime: str, precision: str, args: argparse.Namespace,
-             env: dict[str, Any], impl: str, provider: str | None = None) -> dict[str, Any]:
+             env: dict[str, Any], provider: str | None = None) -> dict[str, Any]:
     from tbps_compress.bench.runner import ROW_FIELDS, batch_fields
     from tbps_compress.models.config import image_size_hw
     from tbps_compress.models.factory import count_macs
@@ -200,7 +82,7 @@ def base_row(name: str, cfg: dict[str, Any], runtime: str, precision: str, args:
                embed_dim=int(cfg["embed_dim"]), image_size=list(image_size_hw(cfg)),
                context_length=int(cfg["text_cfg"]["context_length"]), warmup=args.warmup, reps=args.reps,
                device_name=env.get("device_name"), torch_version=env.get("torch"),
-               onnxruntime_version=env.get("onnxruntime"), notes=f"impl {impl}")
+               onnxruntime_version=env.get("onnxruntime"), notes="random weights")
     return row
 
 
@@ -389,18 +271,16 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             ort_reason = "onnxruntime is not installed"
     rows: list[dict[str, Any]] = []
-    impls = set()
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         for name in [m.strip() for m in args.models.split(",") if m.strip()]:
             cfg = get_model_config(name)
             torch.manual_seed(0)
-            model, impl = build(cfg)
-            impls.add(impl)
+            model = build(cfg)
             cases = [("torch", prec) for prec in precisions]
             if args.compile:
                 cases += [("torch.compile", prec) for prec in args.compile_precisions.split(",")]
             for runtime, prec in cases + [("onnxruntime", "fp32")]:
-                row = base_row(name, cfg, runtime, prec, args, env, impl,
+                row = base_row(name, cfg, runtime, prec, args, env,
                                "CUDAExecutionProvider" if runtime == "onnxruntime" else None)
                 rows.append(row)
                 if runtime == "onnxruntime" and ort_reason:
@@ -429,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device, "batches": args.batches, "throughput_batch": 32 if 32 in args.batches else
         max(args.batches), "warmup": args.warmup, "reps": args.reps, "max_time_s": args.max_time_s,
         "threads": None, "gallery_size": args.gallery_size, "topk": 10, "environment": env, "ceilings": ceilings,
-        "impl": sorted(impls), "budget_s": args.budget_s,
+        "budget_s": args.budget_s,
         "method": {
             "latency": "warm-up calls, then timed calls, torch.cuda.synchronize before and after each; p50/p90",
             "text": f"text encoder on one random caption of {CAPTION_TOKENS} tokens padded to the context length",
