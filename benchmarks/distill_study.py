@@ -53,14 +53,10 @@ log = logging.getLogger("distill_study")
 
 
 def _per_epoch(recipe: Any) -> int:
-    from tbps_compress.data.loader import identity_subset, steps_per_epoch
-    from tbps_compress.data.readers import carve_val, load_dataset
+    """Steps per epoch of a recipe: the splits object the trainer itself builds."""
+    from tbps_compress.data.splits import build_splits
 
-    ds = load_dataset(Path(recipe.data.root), recipe.data.format, on_error=recipe.data.on_error)
-    if recipe.eval.val_split not in ds.splits():
-        ds = carve_val(ds, fraction=recipe.data.val_fraction, seed=recipe.seed)
-    train = identity_subset(ds.split("train"), recipe.data.train_fraction, recipe.seed)
-    return max(1, steps_per_epoch(sum(len(r.captions) for r in train), recipe.optim.batch_size))
+    return max(1, build_splits(recipe).steps_per_epoch(recipe.optim.batch_size))
 
 
 def variant_recipe(base: dict[str, Any], name: str, args: argparse.Namespace, epochs: int | None = None) -> Any:

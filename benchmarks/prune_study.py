@@ -80,10 +80,11 @@ def is_noop(prune: dict[str, Any]) -> bool:
 
 
 def time_image_towers(teacher: Any, pruned: Any, batch: int, iters: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per batch of each image tower, measured alternately in one process, and the speed-up: the
-    median over rounds of teacher time / pruned time (each round times both back to back, so drift cancels)."""
+    """Median seconds per batch of each image tower, timed in turns by ``bench.latency.interleaved`` (drift
+    cancels), and the speed-up: the median over rounds of teacher time / pruned time."""
     import torch
 
+    from tbps_compress.bench.latency import interleaved
     from tbps_compress.models.config import image_size_hw
 
     h, w = image_size_hw(teacher.tbps_config)
@@ -92,18 +93,13 @@ def time_image_towers(teacher: Any, pruned: Any, batch: int, iters: int, warmup:
     x_p = x_t if (ph, pw) == (h, w) else torch.randn(batch, 3, ph, pw)
     teacher.eval()
     pruned.eval()
-    times: dict[str, list[float]] = {"teacher": [], "pruned": []}
     with torch.inference_mode():
-        for i in range(warmup + iters):
-            for name, model, x in (("teacher", teacher, x_t), ("pruned", pruned, x_p)):
-                t0 = time.perf_counter()
-                model.encode_image(x)
-                dt = time.perf_counter() - t0
-                if i >= warmup:
-                    times[name].append(dt)
-    t, p = statistics.median(times["teacher"]), statistics.median(times["pruned"])
-    ratio = statistics.median(a / b for a, b in zip(times["teacher"], times["pruned"], strict=True))
-    return {"teacher_s": round(t, 5), "pruned_s": round(p, 5), "speedup": round(ratio, 3)}
+        timing = interleaved({"teacher": lambda: teacher.encode_image(x_t),
+                              "pruned": lambda: pruned.encode_image(x_p)}, warmup=warmup, rounds=iters)
+    ts, ps = timing["teacher"].times_ms, timing["pruned"].times_ms
+    ratio = statistics.median(a / b for a, b in zip(ts, ps, strict=True))
+    return {"teacher_s": round(statistics.median(ts) / 1e3, 5), "pruned_s": round(statistics.median(ps) / 1e3, 5),
+            "speedup": round(ratio, 3)}
 
 
 def run_variant(base: dict[str, Any], setting: str, criterion: str, args: argparse.Namespace) -> Path | None:
