@@ -156,19 +156,10 @@ CliResult = tuple[int, str, str]
 
 @pytest.fixture(scope="session")
 def benchmark_script() -> Callable[[str], Any]:
-    """Load ``benchmarks/NAME.py`` as a module (the scripts are not a package), to call its functions or ``main``."""
-    import importlib.util
+    """``benchmark_script(NAME)``: the driver ``benchmarks/NAME.py`` as a module of the ``benchmarks`` package."""
+    import importlib
 
-    root = Path(__file__).resolve().parents[1] / "benchmarks"
-
-    def load(name: str) -> Any:
-        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    return load
+    return lambda name: importlib.import_module(f"benchmarks.{name}")
 
 
 @pytest.fixture
