@@ -4,13 +4,19 @@ Runs the same student, with the same number of optimiser steps, as several varia
 (default ``recipes/distill/synth-student.yaml``): trained from scratch (task losses only, random init), each KD term
 alone and all combined on top of the task losses, random init vs weight inheritance (uniform and importance layer
 selection), optionally the hidden-state term. Every run is a normal ``run_distill`` artifact under ``OUT/runs/``
-(finished runs are reused when the study is re-run; ``--force`` retrains), all KD runs share one teacher cache
-(``OUT/teacher-cache.safetensors``). Writes ``OUT/distill_study.md`` and ``OUT/distill_study.json``: R@1/R@5/mAP/mINP
+(finished runs are reused when the study is re-run; ``--force`` retrains); the KD runs of one seed share one
+teacher cache (``OUT/teacher-cache[-sSEED].safetensors``) unless the recipe sets ``teacher.cache: null`` (an online
+teacher, cheaper when the steps see a small part of the captions). Writes ``OUT/distill_study.md`` and
+``OUT/distill_study.json``: R@1/R@5/mAP/mINP
 on the test split, non-embedding parameters and MACs against the teacher, and the acceptance checks:
 
 - the main variant (``--main``, default ``inherit+kd``) has at most 25% of the teacher's non-embedding parameters
-  and keeps >= 95% of the teacher's R@1;
-- it beats the scratch student by >= 3 R@1 points.
+  and keeps >= 90% of the teacher's R@1;
+- it beats the scratch student by >= 5 R@1 points and by more than 3 seed spreads.
+
+With ``--seeds 0,1`` every variant runs once per seed (the recipe's ``seed``: data order, augmentation and random
+initialisation); the table gives the mean, each seed's R@1 and the spread (largest minus smallest), beside the
+standard error of one R@1 measurement on the test split (binomial over its queries).
 
 Example (the demo study; minutes per variant on CPU):
     python benchmarks/distill_study.py --teacher runs/synth/teacher --data data/synthpedes \\
@@ -59,8 +65,9 @@ def _per_epoch(recipe: Any) -> int:
     return max(1, build_splits(recipe).steps_per_epoch(recipe.optim.batch_size))
 
 
-def variant_recipe(base: dict[str, Any], name: str, args: argparse.Namespace, epochs: int | None = None) -> Any:
-    """The DistillRecipe of one study variant."""
+def variant_recipe(base: dict[str, Any], name: str, args: argparse.Namespace, epochs: int | None = None,
+                   seed: int | None = None) -> Any:
+    """The DistillRecipe of one study variant (and seed: its own output folder ``NAME-sSEED``)."""
     from tbps_compress.compress.distill import DistillRecipe
     from tbps_compress.config import validate
 
@@ -72,10 +79,15 @@ def variant_recipe(base: dict[str, Any], name: str, args: argparse.Namespace, ep
     for term in kd:
         losses[term] = (base.get("losses") or {}).get(term) or KD_DEFAULTS[term]
     data["losses"] = losses
-    data["output"] = str(Path(args.out) / "runs" / name.replace("+", "_"))
-    data.setdefault("teacher", {})
-    data["teacher"].update({"artifact": args.teacher, "cache": str(Path(args.out) / "teacher-cache.safetensors"),
-                            "hidden": "kd_hidden" in kd})
+    data["output"] = str(Path(args.out) / "runs" / (name.replace("+", "_") + ("" if seed is None else f"-s{seed}")))
+    if seed is not None:
+        data["seed"] = seed
+    teacher = data.setdefault("teacher", {})
+    # a cache is shared by the variants of one seed (it is keyed to the data order); a recipe with cache: null
+    # keeps the teacher online (cheaper than a cache pass when the steps see few of the captions)
+    cache = None if ("cache" in teacher and teacher["cache"] is None) else \
+        str(Path(args.out) / ("teacher-cache.safetensors" if seed is None else f"teacher-cache-s{seed}.safetensors"))
+    teacher.update({"artifact": args.teacher, "cache": cache, "hidden": "kd_hidden" in kd})
     data.setdefault("data", {})["root"] = args.data
     st = data.setdefault("student", {})
     st.update({"init": init, "layer_selection": selection})
@@ -117,6 +129,26 @@ def run_variant(recipe: Any, force: bool) -> dict[str, Any]:
             "layer_selection": recipe.student.layer_selection}
 
 
+def combine_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's row from its per-seed runs: metrics averaged, each seed's R@1 and their spread kept."""
+    row = dict(runs[0])
+    keys = [k for k in runs[0]["test"] if all(k in r["test"] for r in runs)]
+    row["test"] = {k: round(sum(r["test"][k] for r in runs) / len(runs), 3) for k in keys}
+    r1 = [r["test"].get("R1", float("nan")) for r in runs]
+    row["seeds"] = [{"artifact": r["artifact"], "test": r["test"], "train_seconds": r.get("train_seconds")}
+                    for r in runs]
+    row["R1_seeds"] = r1
+    row["R1_spread"] = round(max(r1) - min(r1), 3) if len(r1) > 1 else None
+    row["train_seconds"] = round(sum(r.get("train_seconds") or 0 for r in runs) / len(runs), 1)
+    return row
+
+
+def r1_standard_error(r1: float, queries: int) -> float:
+    """Binomial standard error (points) of an R@1 of ``r1`` percent measured over ``queries`` queries."""
+    p = r1 / 100
+    return 100 * math.sqrt(max(p * (1 - p), 0.0) / max(queries, 1))
+
+
 def teacher_row(teacher: Path, data: Path, device: str) -> dict[str, Any]:
     from tbps_compress.artifacts import open_artifact
     from tbps_compress.evaluation import evaluate_artifact
@@ -131,15 +163,17 @@ def teacher_row(teacher: Path, data: Path, device: str) -> dict[str, Any]:
 def _fmt_table(teacher: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
     t_ne = teacher["parameters"]["non_embedding"]
     t_r1 = teacher["test"].get("R1", float("nan"))
-    head = ("| variant | init | KD terms | R@1 | R@5 | mAP | mINP | R@1 vs teacher | non-emb params (M) | "
-            "% teacher | MACs (G) | train s |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| variant | init | KD terms | R@1 | R@1 per seed | R@5 | mAP | mINP | R@1 vs teacher | "
+            "non-emb params (M) | % teacher | MACs (G) | train s |")
+    lines = [head, "|" + "---|" * 13]
 
     def line(name: str, r: dict[str, Any], init: str, kd: str) -> str:
         t = r["test"]
         ne = r["parameters"]["non_embedding"]
         macs = sum(r["macs"].values())
-        return (f"| {name} | {init} | {kd} | {t.get('R1', float('nan')):.2f} | {t.get('R5', float('nan')):.2f} | "
+        seeds = ", ".join(f"{v:.2f}" for v in r.get("R1_seeds", [])) or "-"
+        return (f"| {name} | {init} | {kd} | {t.get('R1', float('nan')):.2f} | {seeds} | "
+                f"{t.get('R5', float('nan')):.2f} | "
                 f"{t.get('mAP', float('nan')):.2f} | {t.get('mINP', float('nan')):.2f} | "
                 f"{100 * t.get('R1', float('nan')) / t_r1 if t_r1 else float('nan'):.1f}% | {ne / 1e6:.2f} | "
                 f"{100 * ne / t_ne:.1f}% | {macs / 1e9:.3f} | {r.get('train_seconds', '')} |")
@@ -162,11 +196,16 @@ def acceptance(teacher: dict[str, Any], rows: dict[str, dict[str, Any]], main: s
                    "pass": ratio <= 0.25})
     t_r1 = teacher["test"].get("R1", 0.0)
     keep = m["test"].get("R1", 0.0) / t_r1 if t_r1 else 0.0
-    checks.append({"check": f"{main}: R@1 >= 95% of the teacher's", "value": round(keep, 4), "pass": keep >= 0.95})
+    checks.append({"check": f"{main}: R@1 >= 90% of the teacher's", "value": round(keep, 4), "pass": keep >= 0.90})
     if "scratch" in rows:
         gain = m["test"].get("R1", 0.0) - rows["scratch"]["test"].get("R1", 0.0)
-        checks.append({"check": f"{main} beats scratch by >= 3 R@1 points", "value": round(gain, 2),
-                       "pass": gain >= 3.0})
+        checks.append({"check": f"{main} beats scratch by >= 5 R@1 points", "value": round(gain, 2),
+                       "pass": gain >= 5.0})
+        spreads = [s for s in (m.get("R1_spread"), rows["scratch"].get("R1_spread")) if s is not None]
+        if spreads:
+            spread = max(spreads)
+            checks.append({"check": f"{main} beats scratch by more than 3 seed spreads (spread {spread:.2f})",
+                           "value": round(gain, 2), "pass": gain > 3 * spread})
     return checks
 
 
@@ -184,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="override device (cpu, cuda, auto)")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="recipe override key.path=value (repeatable), applied to every variant")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds; every variant runs once per seed "
+                                                 "(default: the recipe's seed, once)")
     p.add_argument("--force", action="store_true", help="retrain variants that already finished")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -203,20 +244,31 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%d steps = %d epoch(s) of %d steps", args.steps, epochs, per_epoch)
     teacher = teacher_row(Path(args.teacher), Path(args.data), args.device or "auto")
     rows: dict[str, dict[str, Any]] = {}
+    seeds: list[int | None] = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
     for name in names:
-        log.info("=== variant %s", name)
-        rows[name] = run_variant(variant_recipe(base, name, args, epochs), args.force)
+        runs = []
+        for seed in seeds:
+            log.info("=== variant %s%s", name, "" if seed is None else f", seed {seed}")
+            runs.append(run_variant(variant_recipe(base, name, args, epochs, seed), args.force))
+        rows[name] = combine_seeds(runs)
+    from tbps_compress.data.readers import load_dataset
+
+    queries = sum(len(r.captions) for r in load_dataset(Path(args.data)).split("test"))
     checks = acceptance(teacher, rows, args.main)
     table = _fmt_table(teacher, rows)
     md = [f"# Distillation study ({args.steps} steps per student, {epochs} epoch(s))", "",
           f"Teacher `{args.teacher}`, data `{args.data}`, base recipe `{args.recipe}`"
           + (f", overrides {args.overrides}" if args.overrides else "") + ".",
           "Test split, text-to-image; parameters without token/position embeddings; MACs of one image + one caption.",
+          f"Seeds {seeds if seeds != [None] else 'recipe default (one run)'}; one R@1 measurement on the "
+          f"{queries} test queries has a standard error of "
+          f"{r1_standard_error(teacher['test'].get('R1', 0.0), queries):.2f} points at the teacher's R@1.",
           "", table, "", "## Acceptance", ""]
     md += [f"- {'PASS' if c['pass'] else 'FAIL'}: {c['check']} (value {c['value']})" for c in checks]
     (out / "distill_study.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     (out / "distill_study.json").write_text(json.dumps(
-        {"steps": args.steps, "epochs": epochs, "recipe": args.recipe, "overrides": args.overrides,
+        {"steps": args.steps, "epochs": epochs, "recipe": args.recipe, "overrides": args.overrides, "seeds": seeds,
+         "test_queries": queries,
          "teacher": teacher, "variants": rows, "acceptance": checks}, indent=2, default=str) + "\n", encoding="utf-8")
     print("\n".join(md))
     return 0

@@ -1,0 +1,28 @@
+"""The study drivers of benchmarks/ on the tiny teacher: they run, write their tables and judge with seeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def test_distill_study_runs_each_variant_per_seed(benchmark_script, tiny_teacher_artifact: Path,
+                                                  tiny_dataset: Path, tmp_path: Path) -> None:
+    study = benchmark_script("distill_study")
+    out = tmp_path / "study"
+    rc = study.main(["--teacher", str(tiny_teacher_artifact), "--data", str(tiny_dataset), "--out", str(out),
+                     "--steps", "2", "--batch-size", "8", "--variants", "scratch,inherit+kd", "--seeds", "0,1",
+                     "--set", "student.config=test-tiny", "--set", "student.inline.text.layers=1"])
+    assert rc == 0
+    result = json.loads((out / "distill_study.json").read_text())
+    assert result["seeds"] == [0, 1] and result["test_queries"] > 0
+    for name in ("scratch", "inherit+kd"):
+        row = result["variants"][name]
+        assert len(row["seeds"]) == 2 and len(row["R1_seeds"]) == 2
+        assert abs(row["test"]["R1"] - sum(row["R1_seeds"]) / 2) < 1e-3  # rounded to 3 places
+        assert row["R1_spread"] == round(max(row["R1_seeds"]) - min(row["R1_seeds"]), 3)
+        folders = {Path(s["artifact"]).name for s in row["seeds"]}
+        assert folders == {name.replace("+", "_") + "-s0", name.replace("+", "_") + "-s1"}
+    assert any("more than 3 seed spreads" in c["check"] for c in result["acceptance"])
+    table = (out / "distill_study.md").read_text()
+    assert "| R@1 per seed |" in table and "standard error" in table
