@@ -106,3 +106,18 @@ def test_bad_uses_are_one_line_errors(source: Path, exported: Path) -> None:
         load_split(exported.parent / "data", "nope")
     with pytest.raises(ValueError, match="one image path per record"):
         Split([], [Path("a.png")])
+
+
+def test_onnx_encoder_embeds_a_split_without_torch(exported: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from tbps_compress.retrieval.encoders import load_split, open_encoder\n"
+            f"_, split = load_split({str(exported.parent / 'data')!r})\n"
+            f"emb = open_encoder({str(exported)!r}, device='cpu').encode_split(split)\n"
+            "assert emb.image.shape[0] == len(split.records) and emb.text.shape[0] == len(split.captions)\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
