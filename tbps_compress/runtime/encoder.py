@@ -168,7 +168,7 @@ class OnnxEncoder:
         artifact_dir: folder holding the files listed in the module docstring.
         providers: onnxruntime execution providers, in order of preference; default ``["CPUExecutionProvider"]``.
         threads: intra-op thread count (``None``: onnxruntime's default).
-        optimize: onnxruntime graph optimisations (``False``: all off, as a float16 model on the CPU provider needs).
+        optimize: onnxruntime graph optimisations (``False``: all off; quantize evaluates its float16 models so).
     """
 
     def __init__(self, artifact_dir: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
