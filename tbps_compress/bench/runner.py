@@ -530,38 +530,11 @@ def _efficiency(row: dict[str, Any], ctx: _Context, case: BenchCase) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class _CastModel:
-    """Feeds a half-precision model float32 inputs (cast to its dtype), for :func:`embed_split`."""
-
-    def __init__(self, model: Any, dtype: Any) -> None:
-        self.model, self.dtype = model, dtype
-        self.tbps_config = model.tbps_config
-
-    @property
-    def training(self) -> bool:
-        return self.model.training
-
-    def eval(self) -> _CastModel:
-        self.model.eval()
-        return self
-
-    def train(self, mode: bool = True) -> _CastModel:
-        self.model.train(mode)
-        return self
-
-    def encode_image(self, images: Any, normalize: bool = True) -> Any:
-        return self.model.encode_image(images.to(self.dtype), normalize=normalize)
-
-    def encode_text(self, tokens: Any, normalize: bool = True) -> Any:
-        return self.model.encode_text(tokens, normalize=normalize)
-
-
 def _bench_torch(art: Any, case: BenchCase, ctx: _Context, row: dict[str, Any]) -> None:
     import torch
 
     from ..models.config import image_size_hw
-    from ..models.io import load_model
-    from ..models.tokenizer import model_tokenizer
+    from ..retrieval.encoders import Split, TorchEncoder, evaluate
     from ..runtime import cosine_topk
     from ..runtime.tokenizer import clean_caption
 
@@ -574,8 +547,9 @@ def _bench_torch(art: Any, case: BenchCase, ctx: _Context, row: dict[str, Any]) 
     with torch_threads(ctx.threads) as n_threads, torch.inference_mode():
         row["threads"] = None if cuda else n_threads
         with PeakMemory(ctx.device) as mem:
-            model = load_model(art, device=dev, verify=False).eval().to(dtype)
-            tokenizer = model_tokenizer(model)
+            encoder = TorchEncoder.from_artifact(art, device=dev, precision=case.precision,
+                                                 batch_size=ctx.retrieval_batch)
+            model, tokenizer = encoder.model, encoder.tokenizer
             enc_image, enc_text = model.encode_image, model.encode_text
             if case.runtime == "torch.compile":
                 enc_image, enc_text = torch.compile(enc_image), torch.compile(enc_text)
@@ -601,15 +575,8 @@ def _bench_torch(art: Any, case: BenchCase, ctx: _Context, row: dict[str, Any]) 
         _measure_all(row, ctx, sync, lambda: enc_text(tokens, normalize=True),
                      {b: (lambda x=images[b]: enc_image(x, normalize=True)) for b in ctx.batches}, search)
         if ctx.records:
-            from ..engine.evaluate import embed_split
-            from ..retrieval.metrics import metrics_from_embeddings
-
-            paths = [ctx.dataset.image_path(r) for r in ctx.records]
-            target = model if dtype == torch.float32 else _CastModel(model, dtype)
-            emb = embed_split(target, ctx.records, paths, tokenizer, clean_caption, batch_size=ctx.retrieval_batch,
-                              device=dev)
-            _retrieval_fields(row, metrics_from_embeddings(emb.text, emb.image, emb.text_pids, emb.image_pids))
-    del model
+            _retrieval_fields(row, evaluate(encoder, Split.of(ctx.dataset, ctx.records)))
+    del model, encoder
     if cuda:
         torch.cuda.empty_cache()
 
@@ -626,7 +593,8 @@ def _retrieval_fields(row: dict[str, Any], metrics: dict[str, float]) -> None:
 
 
 def _bench_ort(path: Path, case: BenchCase, ctx: _Context, row: dict[str, Any]) -> None:
-    from ..runtime import OnnxEncoder, clean_caption, cosine_topk
+    from ..retrieval.encoders import OnnxRuntimeEncoder, Split, evaluate
+    from ..runtime import clean_caption, cosine_topk
 
     assert case.provider is not None
     chain = _PROVIDER_CHAIN[case.provider]
@@ -634,7 +602,8 @@ def _bench_ort(path: Path, case: BenchCase, ctx: _Context, row: dict[str, Any]) 
     rng = np.random.default_rng(0)
     row["threads"] = ctx.threads if case.provider == CPU_PROVIDER else None
     with PeakMemory("cpu") as mem:
-        enc = OnnxEncoder(path, providers=chain, threads=ctx.threads)
+        encoder = OnnxRuntimeEncoder.open(path, providers=chain, threads=ctx.threads, batch_size=ctx.retrieval_batch)
+        enc = encoder.runtime
         s_img, s_txt = enc.image_session, enc.text_session
         used = s_img.get_providers()[0]
         if used != case.provider:
@@ -657,12 +626,4 @@ def _bench_ort(path: Path, case: BenchCase, ctx: _Context, row: dict[str, Any]) 
     _measure_all(row, ctx, no_sync, lambda: s_txt.run(["embedding"], {"text": tokens}),
                  {b: (lambda x=images[b]: s_img.run(["embedding"], {"image": x})) for b in ctx.batches}, search)
     if ctx.records:
-        from ..evaluation import encode_image_files
-        from ..retrieval.metrics import metrics_from_embeddings
-
-        paths = [ctx.dataset.image_path(r) for r in ctx.records]
-        img = encode_image_files(enc, paths, batch_size=ctx.retrieval_batch)
-        txt = enc.encode_texts([c for r in ctx.records for c in r.captions], batch_size=ctx.retrieval_batch)
-        image_pids = np.array([r.pid for r in ctx.records])
-        text_pids = np.array([r.pid for r in ctx.records for _ in r.captions])
-        _retrieval_fields(row, metrics_from_embeddings(txt, img, text_pids, image_pids))
+        _retrieval_fields(row, evaluate(encoder, Split.of(ctx.dataset, ctx.records)))

@@ -85,11 +85,14 @@ class RetrievalProbe:
     """Text-to-image R@1 of a model on fixed inputs, re-embedding only the tower that changed.
 
     ``images``: uint8 (N, 3, H, W) resized images (or an ``ImageStore``); ``tokens``: (Q, L) caption tokens;
-    ``image_pids`` / ``text_pids``: identity labels. Base embeddings are computed once at construction.
+    ``image_pids`` / ``text_pids``: identity labels. Base embeddings are computed once at construction, through a
+    :class:`~tbps_compress.retrieval.encoders.TorchEncoder` of the model (the evaluation transform).
     """
 
     def __init__(self, model: nn.Module, images: Any, tokens: torch.Tensor, image_pids: torch.Tensor,
                  text_pids: torch.Tensor, *, batch_size: int = 128, device: str | torch.device = "cpu") -> None:
+        from ..retrieval.encoders import TorchEncoder
+
         self.model = model
         self.images = images
         self.tokens = tokens
@@ -97,30 +100,17 @@ class RetrievalProbe:
         self.text_pids = text_pids
         self.batch_size = batch_size
         self.device = torch.device(device)
+        model.eval()  # measured in eval mode, and left there
+        self.encoder = TorchEncoder(model, device=self.device, batch_size=batch_size)
         self.base_image = self.embed_images()
         self.base_text = self.embed_texts()
         self.base_r1 = self.r1_with(self.base_image, self.base_text)
 
-    @torch.no_grad()
     def embed_images(self) -> torch.Tensor:
-        from ..engine.evaluate import _normalize
+        return self.encoder.embed_pixels(self.images)
 
-        self.model.eval()
-        out = []
-        n = len(self.images)
-        for s in range(0, n, self.batch_size):
-            batch = torch.stack([self.images[i] for i in range(s, min(n, s + self.batch_size))])
-            out.append(self.model.encode_image(_normalize(batch).to(self.device), normalize=True).float().cpu())
-        return torch.cat(out)
-
-    @torch.no_grad()
     def embed_texts(self) -> torch.Tensor:
-        self.model.eval()
-        out = []
-        for s in range(0, self.tokens.shape[0], self.batch_size):
-            tok = self.tokens[s:s + self.batch_size].to(self.device)
-            out.append(self.model.encode_text(tok, normalize=True).float().cpu())
-        return torch.cat(out)
+        return self.encoder.embed_tokens(self.tokens)
 
     def r1_with(self, image: torch.Tensor, text: torch.Tensor) -> float:
         from ..retrieval.metrics import metrics_from_embeddings

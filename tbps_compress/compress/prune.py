@@ -550,9 +550,9 @@ def _example_batch(model: nn.Module, ds: Any, n: int, seed: int) -> dict[str, to
     import random
 
     from ..data.loader import ImageStore
-    from ..engine.evaluate import _normalize
     from ..models.config import image_size_hw
     from ..models.tokenizer import model_tokenizer
+    from ..retrieval.encoders import normalize_pixels
     from ..runtime.tokenizer import clean_caption
 
     recs = list(ds.split("train"))
@@ -561,7 +561,7 @@ def _example_batch(model: nn.Module, ds: Any, n: int, seed: int) -> dict[str, to
     recs = random.Random(seed).sample(recs, min(n, len(recs)))
     cfg = model.tbps_config
     store = ImageStore([ds.image_path(r) for r in recs], image_size_hw(cfg), cache=False)
-    images = _normalize(torch.stack([store[i] for i in range(len(recs))]))
+    images = normalize_pixels(torch.stack([store[i] for i in range(len(recs))]))
     tok = model_tokenizer(model)
     text = tok([clean_caption(r.captions[0]) for r in recs])
     return {"image": images, "text": text, "pid": torch.tensor([r.pid for r in recs])}
@@ -725,20 +725,15 @@ def _write_unrecovered(recipe: PruneRecipe, model: nn.Module, out: Path, parent:
     """An artifact of the pruned model without recovery training (``recovery_steps: 0``)."""
     from ..artifacts import METRICS, RECIPE, write_artifact, write_json
     from ..config import dump_recipe
-    from ..engine.evaluate import embed_split, retrieval_metrics
     from ..models.factory import count_parameters
     from ..models.io import save_model
-    from ..models.tokenizer import model_tokenizer
-    from ..runtime.tokenizer import clean_caption
+    from ..retrieval.encoders import Split, TorchEncoder, evaluate
 
     model.to(device).eval()
-    tok = model_tokenizer(model)
     recs, ds = splits.test, splits.dataset
     test = {}
     if recs:
-        emb = embed_split(model, recs, [ds.image_path(r) for r in recs], tok, clean_caption,
-                          batch_size=recipe.eval.batch_size, device=device)
-        test = retrieval_metrics(emb)
+        test = evaluate(TorchEncoder(model, device=device, batch_size=recipe.eval.batch_size), Split.of(ds, recs))
     with write_artifact(out, stage="prune", parent=parent, force=force) as tmp:
         save_model(model, tmp)
         r = recipe.model_copy(deep=True)

@@ -5,7 +5,7 @@ Input: an ``export`` artifact (``image_encoder.onnx``, ``text_encoder.onnx``, ``
 so :class:`tbps_compress.runtime.OnnxEncoder` reads it unchanged, plus ``quantization.json`` (settings, node counts,
 sizes, cosine similarity vs float32) and, with ``eval_data``, ``metrics.json`` = ``{"fp32": ..., "quantized": ...}``.
 
-Modes (measured on an AVX2 CPU without VNNI, see DESIGN "Stack notes"):
+Modes (the figures and choices below were measured on this project's development CPU, AVX2 without VNNI):
 
 - ``dynamic``: ``quantize_dynamic`` after ``quant_pre_process(skip_symbolic_shape=True)``; int8 per-channel weights
   with ``reduce_range`` (7-bit weights: the u8 x s8 kernels of AVX2 CPUs saturate otherwise, which cost ~0.01 of
@@ -26,6 +26,7 @@ Backend ``optimum`` (``pip install tbps-compress[optimum]``) runs optimum's ``OR
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import tempfile
@@ -61,6 +62,7 @@ from ..export.parity import (
     random_tokens,
     run_session,
 )
+from ..retrieval.encoders import OnnxRuntimeEncoder, Split, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Ma
               "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention"}
 _COSINE_SAMPLES = 16
 _CALIB_BATCH = 8
-_EVAL_CHUNK = 64
+_EVAL_BATCH = 32
 _COPY_ALONG = (PREPROCESS_FILE, TOKENIZER_FILE, MODEL_CONFIG, SOURCE_METRICS_FILE)
 
 
@@ -215,19 +217,14 @@ def _cos_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"min": float(np.min(cos)), "mean": float(np.mean(cos)), "n": int(len(cos))}
 
 
-def _eval_split(root: Path) -> tuple[list[Path], list[int], list[str], list[int]]:
-    """Gallery image paths and ids, query captions and ids of the test split (else val, else everything)."""
+def _eval_split(root: Path) -> Split:
+    """The test split of a dataset (else val, else every record)."""
     from ..data.readers import load_dataset
 
     dataset = load_dataset(Path(root))
     splits = dataset.splits()
     split = "test" if "test" in splits else ("val" if "val" in splits else None)
-    records = dataset.split(split) if split else list(dataset.records)
-    paths = [dataset.image_path(r) for r in records]
-    gallery_ids = [r.pid for r in records]
-    captions = [c for r in records for c in r.captions]
-    query_ids = [r.pid for r in records for _ in r.captions]
-    return paths, gallery_ids, captions, query_ids
+    return Split.of(dataset, dataset.split(split) if split else list(dataset.records))
 
 
 def quantize_artifact(
@@ -338,7 +335,9 @@ def quantize_artifact(
     options = {"mode": mode, "backend": backend, "calib_method": calib_method if mode == "static" else None,
                "calib_size": calib_size, "calib_data": str(calib_data) if calib_data else None,
                "towers": list(chosen), "op_types": ops if mode != "fp16" else None}
-    disable = mode == "fp16"  # float16 on the CPU provider only with graph optimisations off (DESIGN)
+    # The float16 model runs on the CPU provider with graph optimisations off: a conservative setting (with
+    # onnxruntime 1.32 on the AVX2 CPU without VNNI, the tiny test model runs with them on too, same cosine).
+    disable = mode == "fp16"
     report: dict[str, Any] = {**options, "towers": {}}
     if mode == "dynamic":
         report.update(per_channel=True, reduce_range=True, weight_type="int8", activation_type="uint8 (dynamic)",
@@ -405,41 +404,29 @@ def quantize_artifact(
                     raise ArtifactError(f"{art.path / name}: named by {TOKENIZER_FILE} but missing; re-export")
                 shutil.copyfile(art.path / name, tmp / name)
         if evaluation is not None:
-            report["metrics"] = _evaluate(art.path, tmp, evaluation, preprocess, tokenizer, disable)
+            report["metrics"] = _evaluate(art.path, tmp, evaluation, disable)
             write_json(tmp / METRICS, report["metrics"])
         write_json(tmp / QUANT_FILE, report)
     report["path"] = str(out)
     return report
 
 
-def _evaluate(src: Path, dst: Path, evaluation: tuple, preprocess: Any, tokenizer: Any,
-              disable: bool) -> dict[str, Any]:
+def _evaluate(src: Path, dst: Path, split: Split, disable: bool) -> dict[str, Any]:
     """Text-to-image retrieval metrics of the float32 and the quantised models on the eval split."""
-    from ..retrieval.metrics import metrics_from_embeddings
-    from ..runtime.preprocess import preprocess_images
-    from ..runtime.tokenizer import clean_caption
-
-    paths, gallery_ids, captions, query_ids = evaluation
     out: dict[str, Any] = {}
     for name, folder in (("fp32", src), ("quantized", dst)):
         off = disable and folder == dst
+        encoder = OnnxRuntimeEncoder.open(folder, threads=min(4, os.cpu_count() or 1), optimize=not off,
+                                          batch_size=_EVAL_BATCH)
         try:
-            image_session = make_session(folder / IMAGE_FILE, disable_optimizations=off)
-            text_session = make_session(folder / TEXT_FILE, disable_optimizations=off)
+            for session in ("image_session", "text_session"):  # load both graphs before embedding anything
+                getattr(encoder.runtime, session)
         except UserError as exc:
             if not disable:
                 raise
             out[name] = None
             out[f"{name}_skipped"] = f"cannot run on the CPU provider ({str(exc)[:200]})"
             continue
-        gallery = np.concatenate([
-            run_session(image_session, preprocess_images(paths[i:i + _EVAL_CHUNK], preprocess))
-            for i in range(0, len(paths), _EVAL_CHUNK)
-        ])
-        queries = np.concatenate([
-            run_session(text_session, tokenizer([clean_caption(c) for c in captions[i:i + _EVAL_CHUNK]]))
-            for i in range(0, len(captions), _EVAL_CHUNK)
-        ])
-        out[name] = metrics_from_embeddings(queries, gallery, query_ids, gallery_ids)
-    out["eval_images"], out["eval_captions"] = len(paths), len(captions)
+        out[name] = evaluate(encoder, split)
+    out["eval_images"], out["eval_captions"] = len(split.image_paths), len(split.captions)
     return out

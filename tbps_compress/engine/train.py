@@ -48,7 +48,7 @@ from ..models.factory import config_from_model, count_parameters, set_text_attn_
 from ..models.io import save_model
 from ..models.tokenizer import model_tokenizer
 from ..recipes import TrainRecipe
-from .evaluate import embed_split, retrieval_metrics
+from ..retrieval.encoders import Split, TorchEncoder, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -626,9 +626,9 @@ class Trainer:
         if not records:
             return {}
         ds = self.dataset
-        emb = embed_split(self.model, records, [ds.image_path(x) for x in records], self.tokenizer, self.clean,
-                          batch_size=self.recipe.eval.batch_size, device=self.device, images=store)
-        return retrieval_metrics(emb)
+        encoder = TorchEncoder(self.model, tokenizer=self.tokenizer, clean=self.clean, device=self.device,
+                               batch_size=self.recipe.eval.batch_size)
+        return evaluate(encoder, Split.of(ds, records, images=store))
 
     def _checkpoint_payload(self, state: TrainState, best_state) -> dict[str, Any]:
         return {

@@ -51,6 +51,7 @@ import numpy as np
 
 from ..artifacts import METRICS, MODEL_CONFIG, check_output_dir, open_artifact, write_json
 from ..errors import ArtifactError, ParityError, UserError
+from ..runtime.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .parity import (
     Case,
     ParityResult,
@@ -86,8 +87,6 @@ VOCAB_MAP_FILE = "vocab_map.json"  # read from a vocabulary-pruned source; folde
 VOCAB_SIZE = 49408
 SOURCE_METRICS_FILE = "source_metrics.json"
 REPORT_FILE = "export_report.json"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SOT_ID = 49406
 EOT_ID = 49407
 MIN_OPSET = 18
@@ -438,8 +437,8 @@ def preprocess_document(height: int, width: int, context_length: int, embed_dim:
             "layout": "NCHW",
             "dtype": "float32",
             "scale": "pixel / 255 (0..1), then (x - mean) / std per channel",
-            "mean": list(OPENAI_MEAN),
-            "std": list(OPENAI_STD),
+            "mean": list(OPENAI_CLIP_MEAN),
+            "std": list(OPENAI_CLIP_STD),
         },
         "text": {
             "input": "text",
@@ -583,7 +582,7 @@ def export_onnx(
         """Standard ids -> the model's token rows (what PyTorch is fed)."""
         return tokens if lookup is None else lookup[tokens]
 
-    preprocess_cfg = {"image_size": [height, width], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+    preprocess_cfg = {"image_size": [height, width], "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD),
                       "resize": "bicubic"}
 
     # Inputs: fresh random batches, plus real samples when a dataset is given (read before any work is done).

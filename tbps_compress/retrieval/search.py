@@ -1,9 +1,9 @@
 """Text search over a gallery folder with any artifact: ranked files, a contact sheet and an HTML page.
 
-- :func:`open_encoder` gives an :class:`~tbps_compress.retrieval.index.Encoder` for an artifact: ONNX artifacts run
-  on the torch-free runtime (:class:`tbps_compress.runtime.OnnxEncoder`); torch artifacts through
-  :class:`TorchArtifactEncoder`, the only place here that imports torch (inside its constructor). Importing this
-  module, and searching with an ONNX artifact, never imports torch, torchvision or open_clip.
+- :func:`open_encoder` (from :mod:`tbps_compress.retrieval.encoders`, the one encoder mechanism) gives the encoder of
+  an artifact: ONNX artifacts run on the torch-free runtime (:class:`tbps_compress.runtime.OnnxEncoder`); torch
+  artifacts through :class:`~tbps_compress.retrieval.encoders.TorchEncoder`, which imports torch in its constructor.
+  Importing this module, and searching with an ONNX artifact, never imports torch, torchvision or open_clip.
 - :func:`search_gallery` opens (builds or updates) the gallery index (FAISS vectors + SQLite metadata, see
   :mod:`tbps_compress.retrieval.index`) and ranks its files for each query; ``where={"camera": 3}`` restricts the
   ranking to files whose stored metadata match, ``index_kind`` / ``index_params`` choose an exact or approximate index.
@@ -28,77 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..artifacts import Artifact, content_hash, open_artifact
 from ..errors import UserError
-from ..runtime.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, preprocess_images
-from ..runtime.tokenizer import clean_caption
+from .encoders import open_encoder
 from .index import Encoder, GalleryIndex, IndexSpec, IndexStats, normalize_where
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hit", "SearchReport", "SearchResult", "TorchArtifactEncoder", "artifact_hash", "dataset_annotations",
+__all__ = ["Hit", "SearchReport", "SearchResult", "artifact_hash", "dataset_annotations",
            "dataset_identities", "dataset_query", "format_results", "open_encoder", "open_index", "render_html",
            "render_sheet", "run_search", "search_gallery"]
 
 GREEN = (34, 150, 60)
 RED = (200, 40, 50)
 GREY = (190, 190, 190)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# encoders
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class TorchArtifactEncoder:
-    """A torch artifact as an :class:`Encoder`: the same preprocessing as evaluation (PIL bicubic resize to the
-    model input, /255, CLIP mean/std) and the artifact's tokenizer (with its vocabulary map, if pruned)."""
-
-    def __init__(self, artifact: Artifact, device: str = "auto") -> None:
-        import torch
-
-        from ..devices import resolve_device
-        from ..models.config import image_size_hw
-        from ..models.io import load_model
-        from ..models.tokenizer import model_tokenizer
-
-        self._torch = torch
-        self.device = resolve_device(device)
-        self.model = load_model(artifact, device=self.device, verify=False).eval()
-        self.tokenizer = model_tokenizer(self.model)
-        self.preprocess = PreprocessConfig(image_size=image_size_hw(self.model.tbps_config), mean=OPENAI_CLIP_MEAN,
-                                           std=OPENAI_CLIP_STD, resize="bicubic")
-
-    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        torch = self._torch
-        x = torch.from_numpy(preprocess_images(list(images), self.preprocess)).to(self.device)
-        with torch.inference_mode():
-            emb = self.model.encode_image(x, normalize=True)
-        return emb.float().cpu().numpy()
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        torch = self._torch
-        tokens = self.tokenizer([clean_caption(t) for t in texts]).to(self.device)
-        with torch.inference_mode():
-            emb = self.model.encode_text(tokens, normalize=True)
-        return emb.float().cpu().numpy()
-
-
-def open_encoder(artifact: Artifact | Path, *, device: str = "auto", providers: Sequence[str] | None = None,
-                 threads: int | None = None) -> Encoder:
-    """The encoder of an artifact: onnxruntime for ONNX artifacts (``providers``, ``threads``), torch otherwise
-    (``device``: auto | cpu | cuda[:N])."""
-    art = artifact if isinstance(artifact, Artifact) else open_artifact(Path(artifact))
-    if art.kind == "onnx":
-        from ..runtime import OnnxEncoder
-
-        if providers is None and device.startswith("cuda"):
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return OnnxEncoder(art.path, providers=providers, threads=threads)
-    return TorchArtifactEncoder(art, device=device)
 
 
 def artifact_hash(artifact: Artifact) -> str:

@@ -168,9 +168,11 @@ class OnnxEncoder:
         artifact_dir: folder holding the files listed in the module docstring.
         providers: onnxruntime execution providers, in order of preference; default ``["CPUExecutionProvider"]``.
         threads: intra-op thread count (``None``: onnxruntime's default).
+        optimize: onnxruntime graph optimisations (``False``: all off; quantize evaluates its float16 models so).
     """
 
-    def __init__(self, artifact_dir: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, artifact_dir: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
+                 optimize: bool = True):
         self.artifact_dir = Path(artifact_dir)
         if not self.artifact_dir.is_dir():
             raise RuntimeConfigError(f"{self.artifact_dir}: artifact folder not found")
@@ -178,6 +180,7 @@ class OnnxEncoder:
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         self.threads = threads
+        self.optimize = bool(optimize)
         self._sessions: dict[str, Any] = {}
         self._preprocess: PreprocessConfig | None = None
         self._tokenizer: BPETokenizer | None = None
@@ -221,6 +224,8 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
+        if not self.optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
