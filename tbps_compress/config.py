@@ -3,13 +3,14 @@ and error messages that name the file, the key path, the value received and what
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -111,3 +112,12 @@ def dump_recipe(recipe: BaseModel, path: Path) -> None:
     """Write the fully resolved recipe (every default filled in) as YAML."""
     data = recipe.model_dump(mode="json")
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def parsed_or_value_error(parse: Callable[[Any], Any], value: Any) -> Any:
+    """``parse(value)``, with a :class:`UserError` re-raised as ``ValueError`` (so a pydantic validator that reuses a
+    stage's own parser reports its one-line message under the key it validates)."""
+    try:
+        return parse(value)
+    except UserError as exc:
+        raise ValueError(str(exc)) from None

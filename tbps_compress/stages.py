@@ -8,8 +8,9 @@ A stage is ``run(config, out=..., inputs=..., data=..., force=..., resume=..., p
 
 - ``config``: the stage's config object. For ``train``, ``distill`` and ``prune`` it is the recipe (a YAML file,
   validated into :class:`~tbps_compress.recipes.TrainRecipe`, ``DistillRecipe`` or ``PruneRecipe``); for ``export``,
-  ``quantize`` and ``bench`` it is :class:`~tbps_compress.recipes.ExportCfg`, ``QuantizeCfg`` or ``BenchCfg``
-  (the CLI flags, or a pipeline stage's ``options``).
+  ``quantize`` and ``bench`` it is ``ExportCfg`` (``export/onnx_export.py``), ``QuantizeCfg``
+  (``compress/quantize.py``) or ``BenchCfg`` (``bench/runner.py``): the CLI flags, or a pipeline stage's
+  ``options``. Each config lives beside the function it configures.
 - ``out``: the folder the stage writes (for a recipe stage ``None`` keeps the recipe's ``output``).
 - ``inputs``: the input artifacts by role, as paths: ``source`` (export, quantize, prune), ``teacher`` (distill,
   prune), ``artifacts`` (bench, a list). A recipe stage's inputs replace the recipe's own paths.
@@ -176,7 +177,7 @@ def _need(kind: str, inputs: dict[str, Any], role: str) -> Any:
     return inputs[role]
 
 
-@register_stage("export", "tbps_compress.recipes:ExportCfg", inputs=("source",),
+@register_stage("export", "tbps_compress.export.onnx_export:ExportCfg", inputs=("source",),
                 help="Export a PyTorch artifact to ONNX and prove parity.")
 def _export(cfg: Any, *, out: Path | None, inputs: dict[str, Any], data: Path | None, force: bool, resume: bool,
             progress: Any) -> dict:
@@ -186,7 +187,7 @@ def _export(cfg: Any, *, out: Path | None, inputs: dict[str, Any], data: Path | 
                        **cfg.model_dump())
 
 
-@register_stage("quantize", "tbps_compress.recipes:QuantizeCfg", inputs=("source",),
+@register_stage("quantize", "tbps_compress.compress.quantize:QuantizeCfg", inputs=("source",),
                 help="Quantise an ONNX artifact (dynamic / static int8, fp16).")
 def _quantize(cfg: Any, *, out: Path | None, inputs: dict[str, Any], data: Path | None, force: bool, resume: bool,
               progress: Any) -> dict:
@@ -201,7 +202,7 @@ def _quantize(cfg: Any, *, out: Path | None, inputs: dict[str, Any], data: Path 
                              **opts)
 
 
-@register_stage("bench", "tbps_compress.recipes:BenchCfg", inputs=("artifacts",),
+@register_stage("bench", "tbps_compress.bench.runner:BenchCfg", inputs=("artifacts",),
                 help="Accuracy against latency of artifacts x runtimes x precisions.")
 def _bench(cfg: Any, *, out: Path | None, inputs: dict[str, Any], data: Path | None, force: bool, resume: bool,
            progress: Any) -> list[dict[str, Any]]:

@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
+from ..config import Strict, parsed_or_value_error
 from ..devices import check_device
 from ..errors import UserError
 from ..io_utils import check_output_folder
@@ -627,3 +629,37 @@ def _bench_ort(path: Path, case: BenchCase, ctx: _Context, row: dict[str, Any]) 
                  {b: (lambda x=images[b]: s_img.run(["embedding"], {"image": x})) for b in ctx.batches}, search)
     if ctx.records:
         _retrieval_fields(row, evaluate(encoder, Split.of(ctx.dataset, ctx.records)))
+
+
+# --------------------------------------------------------------------------------------------------------- config
+# The stage's settings (``tbps_compress.stages``): built from the CLI's flags or a pipeline stage's ``options``.
+
+
+class BenchCfg(Strict):
+    """``tbps-compress bench``: accuracy against latency for artifacts x runtimes x precisions."""
+
+    runtimes: list[str] = Field(default_factory=lambda: ["torch", "onnxruntime"], description="torch, onnxruntime")
+    device: str = Field("cpu", description="cpu | cuda | cuda:N")
+    batches: list[int] = Field(default_factory=lambda: [1, 32], description="Image batch sizes timed.")
+    split: str = Field("test", description="Dataset split of the retrieval metrics.")
+    gallery_size: int = Field(10_000, ge=1, description="Embeddings in the search-latency gallery.")
+    warmup: int = Field(3, ge=0)
+    reps: int = Field(20, ge=1)
+    threads: int | None = Field(None, ge=1, description="Intra-op threads (default: the library's).")
+    export_torch: bool = Field(False, description="Export torch artifacts for onnxruntime too.")
+    compile: bool = Field(False, description="Also time torch.compile (CUDA).")
+    precisions: list[str] | None = Field(None, description="Keep only these PyTorch precisions (default: all).")
+    max_time_s: float | None = Field(60.0, gt=0, description="Stop timing one measurement after this long.")
+    topk: int = Field(10, ge=1)
+    format: str | None = Field(None, description="Dataset format (None = detect).")
+    retrieval_batch: int = Field(128, ge=1, description="Batch size of the retrieval-metric embedding.")
+
+    @field_validator("runtimes", mode="before")
+    @classmethod
+    def _runtimes(cls, v: Any) -> Any:
+        return parsed_or_value_error(parse_runtimes, v)
+
+    @field_validator("batches", mode="before")
+    @classmethod
+    def _batches(cls, v: Any) -> Any:
+        return parsed_or_value_error(parse_int_list, v)

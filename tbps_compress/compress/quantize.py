@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from ..artifacts import METRICS, MODEL_CONFIG, check_output_dir, open_artifact, write_artifact, write_json
+from ..config import Strict, parsed_or_value_error
 from ..errors import ArtifactError, UserError
 from ..export.onnx_export import (
     EXTERNAL_DATA_THRESHOLD,
@@ -430,3 +432,33 @@ def _evaluate(src: Path, dst: Path, split: Split, disable: bool) -> dict[str, An
         out[name] = evaluate(encoder, split)
     out["eval_images"], out["eval_captions"] = len(split.image_paths), len(split.captions)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------- config
+# The stage's settings (``tbps_compress.stages``): built from the CLI's flags or a pipeline stage's ``options``.
+
+
+class QuantizeCfg(Strict):
+    """``tbps-compress quantize``: an ONNX artifact to int8 (dynamic / static) or fp16."""
+
+    mode: str = Field("dynamic", description="dynamic | static | fp16")
+    calib_data: str | None = Field(None, description="Dataset root for static calibration (default: the stage's "
+                                                     "dataset).")
+    calib_method: str = Field("minmax", description="minmax | entropy | percentile (static).")
+    calib_size: int = Field(64, ge=1, description="Calibration samples per tower.")
+    backend: str = Field("ort", description="ort | optimum")
+    towers: tuple[str, ...] = Field(("image", "text"), description="Towers to quantise (image, text).")
+    op_types: list[str] | None = Field(None, description="Operator types to quantise (default per mode).")
+
+    @field_validator("mode", "calib_method", "backend")
+    @classmethod
+    def _choice(cls, v: str, info: Any) -> str:
+        allowed = {"mode": MODES, "calib_method": CALIB_METHODS, "backend": BACKENDS}[info.field_name]
+        if v not in allowed:
+            raise ValueError(f"got {v!r}; choose one of {', '.join(allowed)}")
+        return v
+
+    @field_validator("towers", mode="before")
+    @classmethod
+    def _towers(cls, v: Any) -> Any:
+        return parsed_or_value_error(_parse_towers, v)

@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from ..artifacts import METRICS, MODEL_CONFIG, check_output_dir, open_artifact, write_json
+from ..config import Strict
 from ..errors import ArtifactError, ParityError, UserError
 from ..runtime.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .parity import (
@@ -754,3 +756,17 @@ def _dataset_captions(root: Path, n: int) -> list[str]:
     from ..data.readers import load_dataset
 
     return [c for r in load_dataset(root).records for c in r.captions][:n]
+
+
+# --------------------------------------------------------------------------------------------------------- config
+# The stage's settings (``tbps_compress.stages``): built from the CLI's flags or a pipeline stage's ``options``.
+
+
+class ExportCfg(Strict):
+    """``tbps-compress export``: ONNX export with parity checks."""
+
+    opset: int = Field(18, ge=18, description="ONNX opset (>= 18, the dynamo exporter's minimum).")
+    fp16: bool = Field(False, description="Also write fp16 graphs (a GPU format).")
+    atol: float = Field(1e-4, gt=0, description="Largest absolute difference allowed against PyTorch.")
+    optimize: bool = Field(False, description="Fuse attention, Gelu, LayerNorm and biases for the CPU provider "
+                                              "(per-tower parity; a tower that fails stays unfused).")
