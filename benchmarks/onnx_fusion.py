@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tbps_compress.artifacts import open_artifact
     from tbps_compress.bench.latency import environment, interleaved, matmul_ceiling, torch_threads
-    from tbps_compress.compress.quantize import quantize_artifact
     from tbps_compress.export.parity import cosine_rows, make_session, max_abs_diff, random_images, random_tokens
+    from tbps_compress.export.quantize import quantize_artifact
     from tbps_compress.models.factory import count_macs
 
     args.work.mkdir(parents=True, exist_ok=True)

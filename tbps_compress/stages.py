@@ -9,7 +9,7 @@ A stage is ``run(config, out=..., inputs=..., data=..., force=..., resume=..., p
 - ``config``: the stage's config object. For ``train``, ``distill`` and ``prune`` it is the recipe (a YAML file,
   validated into :class:`~tbps_compress.recipes.TrainRecipe`, ``DistillRecipe`` or ``PruneRecipe``); for ``export``,
   ``quantize`` and ``bench`` it is ``ExportCfg`` (``export/onnx_export.py``), ``QuantizeCfg``
-  (``compress/quantize.py``) or ``BenchCfg`` (``bench/runner.py``): the CLI flags, or a pipeline stage's
+  (``export/quantize.py``) or ``BenchCfg`` (``bench/runner.py``): the CLI flags, or a pipeline stage's
   ``options``. Each config lives beside the function it configures.
 - ``out``: the folder the stage writes (for a recipe stage ``None`` keeps the recipe's ``output``).
 - ``inputs``: the input artifacts by role, as paths: ``source`` (export, quantize, prune), ``teacher`` (distill,
@@ -187,11 +187,11 @@ def _export(cfg: Any, *, out: Path | None, inputs: dict[str, Any], data: Path | 
                        **cfg.model_dump())
 
 
-@register_stage("quantize", "tbps_compress.compress.quantize:QuantizeCfg", inputs=("source",),
+@register_stage("quantize", "tbps_compress.export.quantize:QuantizeCfg", inputs=("source",),
                 help="Quantise an ONNX artifact (dynamic / static int8, fp16).")
 def _quantize(cfg: Any, *, out: Path | None, inputs: dict[str, Any], data: Path | None, force: bool, resume: bool,
               progress: Any) -> dict:
-    from .compress.quantize import quantize_artifact
+    from .export.quantize import quantize_artifact
 
     opts = cfg.model_dump()
     calib = opts.pop("calib_data")

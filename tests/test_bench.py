@@ -30,9 +30,9 @@ def arts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
 
     from tbps_compress.artifacts import write_artifact
-    from tbps_compress.compress.quantize import quantize_artifact
     from tbps_compress.data.synthpedes import generate
     from tbps_compress.export.onnx_export import export_onnx
+    from tbps_compress.export.quantize import quantize_artifact
     from tbps_compress.models.factory import build_model
     from tbps_compress.models.io import save_model
 

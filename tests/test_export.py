@@ -326,8 +326,8 @@ def test_optimize_fuses_towers_with_parity_retrieval_and_int8(exported: Path, tm
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import onnx
 
-    from tbps_compress.compress.quantize import quantize_artifact
     from tbps_compress.export.fusion import op_counts
+    from tbps_compress.export.quantize import quantize_artifact
 
     monkeypatch.setattr(onnx_export, "_export_tower", _fake_export(exported))
     data = exported.parent / "data"

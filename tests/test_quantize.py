@@ -12,8 +12,8 @@ import pytest
 import test_export as shared  # tests/ is on sys.path under pytest: one tiny export per session
 
 from tbps_compress.artifacts import open_artifact, write_artifact
-from tbps_compress.compress.quantize import count_nodes, quantize_artifact
 from tbps_compress.errors import ArtifactError, UserError
+from tbps_compress.export.quantize import count_nodes, quantize_artifact
 
 
 @pytest.fixture(scope="module")

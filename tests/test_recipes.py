@@ -22,7 +22,6 @@ SCHEMAS = {
     "teacher": "tbps_compress.recipes:TrainRecipe",
     "distill": "tbps_compress.compress.distill:DistillRecipe",
     "prune": "tbps_compress.compress.prune:PruneRecipe",
-    "quantize": "tbps_compress.compress.quantize:QuantizeRecipe",
     "pipeline": "tbps_compress.pipeline:PipelineRecipe",
 }
 # pipeline stage kind -> recipes/ folder whose schema its stage recipe uses

@@ -45,8 +45,8 @@ def test_the_registry_holds_every_stage_with_its_config() -> None:
     from tbps_compress.bench.runner import BenchCfg
     from tbps_compress.compress.distill import DistillRecipe
     from tbps_compress.compress.prune import PruneRecipe
-    from tbps_compress.compress.quantize import QuantizeCfg
     from tbps_compress.export.onnx_export import ExportCfg
+    from tbps_compress.export.quantize import QuantizeCfg
     from tbps_compress.recipes import TrainRecipe
 
     expected = {"train": TrainRecipe, "distill": DistillRecipe, "prune": PruneRecipe, "export": ExportCfg,

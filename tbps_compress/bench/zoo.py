@@ -57,7 +57,7 @@ def random_artifacts(work: Path, names: list[str], forms: tuple[str, ...] = ("to
         if "int8" in forms:
             int8 = work / f"{name}-int8"
             if not int8.exists():
-                from ..compress.quantize import quantize_artifact
+                from ..export.quantize import quantize_artifact
 
                 t0 = time.perf_counter()
                 quantize_artifact(arts["onnx"], int8, mode="dynamic")

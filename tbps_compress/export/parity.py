@@ -1,7 +1,7 @@
 """Parity checks between PyTorch towers and ONNX files, and the sample inputs they run on.
 
 Used by :mod:`tbps_compress.export.onnx_export` (ONNX vs PyTorch, max absolute difference against a tolerance)
-and :mod:`tbps_compress.compress.quantize` (quantised vs float32 ONNX, cosine similarity of embeddings).
+and :mod:`tbps_compress.export.quantize` (quantised vs float32 ONNX, cosine similarity of embeddings).
 
 Sample inputs:
 

@@ -41,7 +41,8 @@ from pydantic import Field, field_validator
 from ..artifacts import METRICS, MODEL_CONFIG, check_output_dir, open_artifact, write_artifact, write_json
 from ..config import Strict, parsed_or_value_error
 from ..errors import ArtifactError, UserError
-from ..export.onnx_export import (
+from ..retrieval.encoders import OnnxRuntimeEncoder, Split, evaluate
+from .onnx_export import (
     EXTERNAL_DATA_THRESHOLD,
     IMAGE_FILE,
     PREPROCESS_FILE,
@@ -54,7 +55,7 @@ from ..export.onnx_export import (
     load_onnx,
     save_onnx,
 )
-from ..export.parity import (
+from .parity import (
     cosine_rows,
     dataset_samples,
     external_data_files,
@@ -64,7 +65,6 @@ from ..export.parity import (
     random_tokens,
     run_session,
 )
-from ..retrieval.encoders import OnnxRuntimeEncoder, Split, evaluate
 
 log = logging.getLogger(__name__)
 
