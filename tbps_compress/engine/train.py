@@ -6,8 +6,9 @@ batch is embedded without gradient in chunks, the loss is computed on the whole 
 and each chunk is re-embedded with gradient and back-propagated with its cached embedding gradient (random states
 replayed so dropout matches): the same gradients as one big batch in the memory of one chunk.
 
-Checkpoints (every epoch, every ``checkpoint_every_steps``, and on SIGTERM) hold model, loss heads, optimiser,
-scaler, RNG states and the sampler position; ``resume`` continues to the same final weights as an uninterrupted
+Checkpoints (every epoch, every ``checkpoint_every_steps``, and on SIGTERM; written and read by
+:mod:`tbps_compress.engine.checkpoint`) hold model, loss heads, optimiser, scaler, RNG states and the sampler
+position; ``resume`` continues to the same final weights as an uninterrupted
 run on CPU. The best epoch on the validation split is kept; the test split is evaluated once at the end.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -25,7 +25,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,26 +35,37 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import distributed as dist
-from ..artifacts import METRICS, RECIPE, check_output_dir, write_artifact, write_json
+from ..artifacts import METRICS, RECIPE, write_artifact, write_json
 from ..config import dump_recipe
 from ..data.loader import CaptionNeighbours, EpochBatchSampler, ImageStore, TrainSet
 from ..data.records import TBPSDataset, remap_ids
 from ..data.splits import Splits, build_splits
 from ..devices import resolve_device
-from ..errors import CheckpointError, ConfigError, UserError
+from ..errors import ConfigError, UserError
 from ..losses import LossInputs, LossSet, make_modules
 from ..models.config import image_size_hw
 from ..models.factory import config_from_model, count_parameters, set_text_attn_dropout
 from ..models.io import save_model
 from ..models.tokenizer import model_tokenizer
 from ..recipes import TrainRecipe
+from .checkpoint import (
+    CKPT_NAME,
+    TrainState,
+    check_checkpoint_fits,
+    check_run_folders,
+    read_checkpoint,
+    recipe_hash,
+    rng_state,
+    set_rng_state,
+    work_dir,
+    write_checkpoint,
+)
 from .evaluate import embed_split, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
-CKPT_NAME = "last.ckpt"
 CURVE_NAME = "curve.csv"  # learning curve (eval.curve_every_steps), copied into the artifact
-DIGEST_SUFFIX = ".sha256"  # last.ckpt.sha256: the checkpoint's SHA-256 (current and previous)
+__all__ = ["CKPT_NAME", "Interrupted", "Progress", "TrainState", "Trainer", "lr_at", "param_groups", "train_views"]
 
 
 class Interrupted(UserError):
@@ -99,30 +110,6 @@ def lr_at(step: int, total: int, per_epoch: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(_as_tuple(st["python"]))
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def recipe_hash(recipe: TrainRecipe) -> str:
-    data = recipe.model_dump(mode="json")
-    data.pop("output", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_views(needs) -> tuple[str, ...]:
     """The image views a training sample carries for losses with these ``needs``."""
     views = ["image"]
@@ -145,15 +132,6 @@ class TeacherSpec:
     hidden: bool = False
     # Maps the student's inputs {"image", "text"} to the teacher's (vocabulary map, context length, image size).
     adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best: dict[str, Any] = field(default_factory=dict)
-    elapsed_s: float = 0.0
 
 
 class Trainer:
@@ -221,7 +199,7 @@ class Trainer:
     def run(self, *, resume: bool = False, force: bool = False) -> Path:
         r = self.recipe
         out = Path(r.output)
-        work = out.parent / f"{out.name}.ckpt"
+        work = work_dir(out)
         started_dist = dist.setup_from_env()
         deterministic = (torch.are_deterministic_algorithms_enabled(),
                          torch.is_deterministic_algorithms_warn_only_enabled())
@@ -231,15 +209,7 @@ class Trainer:
                     f"optim.batch_size: {r.optim.batch_size} is smaller than the number of processes "
                     f"({dist.world_size()}); use at least one sample per process"
                 )
-            if not resume:
-                check_output_dir(out, force)
-                if (work / CKPT_NAME).exists() and not force:
-                    raise UserError(f"{work}: a checkpoint of an earlier run exists; pass --resume to continue it "
-                                    "or --force to start over")
-            elif out.exists() and (out / "lineage.json").exists() and not force:
-                raise UserError(f"{out}: this run already finished; nothing to resume (use --force to retrain)")
-            elif not (work / CKPT_NAME).exists():  # say so before loading data and building the model
-                raise UserError(f"{work / CKPT_NAME}: no checkpoint to resume from; start without --resume")
+            check_run_folders(out, work, resume=resume, force=force)
             return self._run(out, work, resume, force)
         finally:
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # as the caller had it
@@ -596,18 +566,18 @@ class Trainer:
         states, parts = [], []
         with torch.no_grad():
             for sl in slices:
-                states.append(_rng_state(self.device))
+                states.append(rng_state(self.device))
                 parts.append(self._embed({k: batch[k][sl] for k in keys}))
         cached = {k: torch.cat([p[k] for p in parts]).detach().requires_grad_(True) for k in parts[0]}
         loss, terms = self._loss(cached, pids, teach, progress)
         self.scaler.scale(loss).backward()
-        end_state = _rng_state(self.device)
+        end_state = rng_state(self.device)
         for sl, st in zip(slices, states, strict=True):
-            _set_rng_state(st, self.device)
+            set_rng_state(st, self.device)
             emb = self._embed({k: batch[k][sl] for k in keys})
             surrogate = sum((emb[k] * cached[k].grad[sl]).sum() for k in emb)
             surrogate.backward()
-        _set_rng_state(end_state, self.device)
+        set_rng_state(end_state, self.device)
         return loss, terms
 
     def _reduce_grads(self) -> None:
@@ -636,83 +606,31 @@ class Trainer:
             "heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "state": {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                      "global_step": state.global_step, "best": state.best, "elapsed_s": state.elapsed_s},
-            "rng": _rng_state(self.device),
+            "state": state.as_dict(),
+            "rng": rng_state(self.device),
             "best_state": best_state,
             "model_config": json.dumps(self.model.tbps_config, sort_keys=True),
             "recipe_hash": recipe_hash(self.recipe),
         }
 
     def _save_checkpoint(self, path: Path, state: TrainState, best_state) -> None:
-        """Write ``path`` atomically (temporary file, then rename) with its SHA-256 in ``path.sha256``. The digest
-        file is replaced first and accepts the new and the previous digest, so a kill between the two renames
-        leaves a consistent pair; a checkpoint changed after writing is refused by :meth:`_load_checkpoint`."""
-        if not dist.is_main():
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        digest_path = path.with_name(path.name + DIGEST_SUFFIX)
-        digest_tmp = digest_path.with_name(digest_path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:  # a file object: a full disk raises OSError (a path gives a RuntimeError)
-                hashing = _HashingWriter(f)
-                torch.save(self._checkpoint_payload(state, best_state), hashing)
-            previous = _accepted_digests(digest_path)[:1]
-            digest_tmp.write_text(json.dumps({"sha256": [hashing.hexdigest(), *previous]}) + "\n")
-            os.replace(digest_tmp, digest_path)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as exc:
-            tmp.unlink(missing_ok=True)
-            digest_tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and exc.strerror:
-                reason = exc.strerror
-            else:  # torch's zip writer reports a short write (a full disk) as a RuntimeError
-                reason = f"the write failed, is the disk full? {' '.join(str(exc).split())}"
-            raise UserError(f"{path}: cannot write checkpoint ({reason}); the previous checkpoint "
-                            "is kept; free space or fix permissions, then --resume") from exc
+        """Write the training checkpoint (main process only; see :func:`checkpoint.write_checkpoint`)."""
+        if dist.is_main():
+            write_checkpoint(path, self._checkpoint_payload(state, best_state))
 
     def _load_checkpoint(self, path: Path) -> tuple[TrainState, dict | None]:
-        import pickle
-
-        from ..artifacts import sha256_file
-
-        if not path.exists():
-            raise UserError(f"{path}: no checkpoint to resume from; start without --resume")
-        digest_path = path.with_name(path.name + DIGEST_SUFFIX)
-        accepted = _accepted_digests(digest_path)
-        if not accepted:
-            log.warning("%s: no readable %s; the checkpoint's integrity is not checked", path, digest_path.name)
-        elif sha256_file(path) not in accepted:
-            raise CheckpointError(f"{path}: content does not match the hash in {digest_path.name} (changed or "
-                                  "corrupted after writing); restore it or start over with --force")
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            from ..models.io import unpickling_reason
-
-            raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
-                                  f"data (possibly code: {unpickling_reason(exc)}); start over with --force") from exc
-        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a user-facing error
-            raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "
-                                  "start over with --force") from exc
-        if not isinstance(ck, dict) or not {"model", "heads", "optimizer", "scaler", "rng", "state"} <= set(ck):
-            raise CheckpointError(f"{path}: not a training checkpoint of this tool (keys missing); "
-                                  "start over with --force")
-        mine = json.dumps(self.model.tbps_config, sort_keys=True)
-        if ck.get("model_config") != mine:
-            what = getattr(self.recipe.model, "config", f"of this {self.stage} recipe")
-            raise CheckpointError(f"{path}: checkpoint is for another architecture than model "
-                                  f"'{what}'; use the recipe it was written with or --force")
-        if ck.get("recipe_hash") != recipe_hash(self.recipe):
-            log.warning("%s: the recipe changed since this checkpoint was written; resuming anyway", path)
+        """Restore model, heads, optimiser, scaler and random state from ``path``; the loop position and the best
+        weights so far."""
+        ck = read_checkpoint(path)
+        check_checkpoint_fits(ck, path, model_config=json.dumps(self.model.tbps_config, sort_keys=True),
+                              recipe_digest=recipe_hash(self.recipe),
+                              model_name=getattr(self.recipe.model, "config", f"of this {self.stage} recipe"))
         self.model.load_state_dict(ck["model"])
         self.heads.load_state_dict(ck["heads"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(ck["rng"], self.device)
-        s = ck["state"]
-        state = TrainState(epoch=s["epoch"], step_in_epoch=s["step_in_epoch"], global_step=s["global_step"],
-                           best=s["best"], elapsed_s=s.get("elapsed_s", 0.0))
+        set_rng_state(ck["rng"], self.device)
+        state = TrainState.from_dict(ck["state"])
         log.info("resumed from %s at epoch %d step %d", path, state.epoch, state.global_step)
         return state, ck.get("best_state")
 
@@ -767,34 +685,6 @@ class Trainer:
     def _restore_signal_handlers(old) -> None:
         for sig, h in old.items():
             signal.signal(sig, h)
-
-
-class _HashingWriter:
-    """A write-only file wrapper that hashes what passes through (for ``torch.save``)."""
-
-    def __init__(self, f) -> None:
-        self._f = f
-        self._h = hashlib.sha256()
-
-    def write(self, data) -> int:
-        self._h.update(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-
-def _accepted_digests(path: Path) -> list[str]:
-    """Digests a checkpoint may have (newest first) from its ``.sha256`` file; empty when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    digests = data.get("sha256") if isinstance(data, dict) else None
-    return [d for d in digests if isinstance(d, str)] if isinstance(digests, list) else []
 
 
 class _CsvLog:
