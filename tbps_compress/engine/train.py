@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -24,8 +25,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
 
 from .. import distributed as dist
 from ..artifacts import METRICS, RECIPE, write_artifact, write_json
@@ -65,7 +66,9 @@ from .evaluate import embed_split, retrieval_metrics
 log = logging.getLogger(__name__)
 
 CURVE_NAME = "curve.csv"  # learning curve (eval.curve_every_steps), copied into the artifact
-__all__ = ["CKPT_NAME", "Interrupted", "Progress", "TrainState", "Trainer", "lr_at", "param_groups", "train_views"]
+__all__ = ["CKPT_NAME", "Interrupted", "LossInputProvider", "Progress", "TrainState", "Trainer", "lr_at",
+           "param_groups", "train_views"]
+LOSS_FIELDS = frozenset(f.name for f in dataclasses.fields(LossInputs))
 
 
 class Interrupted(UserError):
@@ -120,29 +123,52 @@ def train_views(needs) -> tuple[str, ...]:
     return tuple(views)
 
 
-@dataclass
-class TeacherSpec:
-    """A frozen teacher for distillation: the model and, optionally, cached embeddings per sample index."""
+class LossInputProvider:
+    """The trainer's extension point: something that adds fields to the loss inputs of every step.
 
-    model: nn.Module
-    artifact: Path
-    # {"text": (N, D)} per caption sample, or an object with ``lookup(epoch, index) -> {"text"?, "image"?}``
-    # (compress.distill.TeacherCache: keyed by (epoch, sample index)); missing entries are computed online.
-    cache: Any = None
-    hidden: bool = False
-    # Maps the student's inputs {"image", "text"} to the teacher's (vocabulary map, context length, image size).
-    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    A provider is set up once the trainer's device, data, losses and model are ready, may contribute keyword
+    arguments for the loss heads (:func:`tbps_compress.losses.make_modules`), gives per batch fields of
+    :class:`~tbps_compress.losses.LossInputs` computed before the student's forward pass, and may hook that pass
+    (with gradient) to fill more fields. Every method has a do-nothing default; the trainer calls them in this
+    order: :meth:`setup`, :meth:`loss_module_args`, then per step :meth:`batch_inputs` and :meth:`hook_student`.
+    """
+
+    #: What :meth:`hook_student` captures, for messages (``None``: it registers no hooks). Gradient caching
+    #: (``optim.grad_cache_chunk``) re-runs the forward pass in chunks and refuses providers that capture.
+    student_capture: str | None = None
+
+    def setup(self, trainer: Trainer) -> None:
+        """Called by :meth:`Trainer.prepare` after the model is on its device and before the loss heads are built.
+        Runs with the random state saved and restored, so a provider never shifts the training's random draws."""
+
+    def loss_module_args(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`tbps_compress.losses.make_modules` (after :meth:`setup`)."""
+        return {}
+
+    def batch_inputs(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, Any]:
+        """Fields of :class:`~tbps_compress.losses.LossInputs` for one local batch (on the device) of ``epoch``,
+        computed before the student's forward pass."""
+        return {}
+
+    def hook_student(self, model: nn.Module, fields: dict[str, Any]) -> list[RemovableHandle]:
+        """Forward hooks on the student for its forward pass with gradient; they write loss-input fields into
+        ``fields``. The trainer removes them after the pass."""
+        return []
 
 
 class Trainer:
-    """Trains ``model`` (or the recipe's model) on the recipe's data and writes an artifact folder."""
+    """Trains ``model`` (or the recipe's model) on the recipe's data and writes an artifact folder.
+
+    ``model`` is a module, a function building it from the prepared trainer (called once the data is loaded, with
+    the random state saved and restored), or ``None`` for the recipe's ``model`` section. ``providers`` add fields
+    to the loss inputs of every step (:class:`LossInputProvider`)."""
 
     def __init__(
         self,
         recipe: TrainRecipe,
         *,
-        model: nn.Module | None = None,
-        teacher: TeacherSpec | None = None,
+        model: nn.Module | Callable[[Trainer], nn.Module] | None = None,
+        providers: Sequence[LossInputProvider] = (),
         stage: str = "train",
         parent: Path | None = None,
         progress: Progress | None = None,
@@ -152,7 +178,7 @@ class Trainer:
         self.recipe = recipe
         self.stage = stage
         self.parent = parent
-        self.teacher = teacher
+        self.providers = list(providers)
         self.progress = progress or Progress()
         self.extra_files = extra_files
         self._model_in = model
@@ -180,8 +206,11 @@ class Trainer:
         from ..models.io import import_checkpoint, load_model
 
         r = self.recipe
-        if self._model_in is not None:
+        if isinstance(self._model_in, nn.Module):
             return self._model_in
+        if self._model_in is not None:
+            with self._rng_kept():
+                return self._model_in(self)
         if r.model.init_artifact:
             return load_model(Path(r.model.init_artifact))
         from ..models.config import get_model_config
@@ -194,6 +223,20 @@ class Trainer:
 
     def _views(self) -> tuple[str, ...]:
         return train_views(self.losses.needs)
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The image views of a training sample (see :func:`train_views`)."""
+        return self._views()
+
+    @contextlib.contextmanager
+    def _rng_kept(self):
+        """Run a block (a model factory, a provider's set-up) without moving the training's random streams."""
+        saved = rng_state(self.device)
+        try:
+            yield
+        finally:
+            set_rng_state(saved, self.device)
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self, *, resume: bool = False, force: bool = False) -> Path:
@@ -247,26 +290,27 @@ class Trainer:
             with torch.no_grad():
                 model.logit_scale.fill_(math.log(1.0 / r.tricks.temperature))
         model.logit_scale.requires_grad_(r.tricks.learn_temperature)
-        teacher_dim = None
-        if self.teacher is not None:
-            self.teacher.model.to(device).eval().requires_grad_(False)
-            teacher_dim = int(self.teacher.model.visual.proj.shape[1])
-        embed_dim = int(model.visual.proj.shape[1])
-        self.heads = make_modules(self.losses, embed_dim, len(self.labels), teacher_dim,
-                                  hidden_widths=self._hidden_widths()).to(device)
-        self.tokenizer = model_tokenizer(model)
-        size = image_size_hw(cfg)
         rank, world = dist.rank(), dist.world_size()
-        ds = self.dataset
-        train_imgs = ImageStore([ds.image_path(x) for x in self.train_records], size, cache=r.data.cache_images)
-        self.trainset = TrainSet(self.train_records, train_imgs, self.labels, self.tokenizer, r.augment,
-                                 views=self._views(), seed=r.seed, clean=self.clean)
         b = r.optim.batch_size
         per_epoch = self.per_epoch = self.splits.steps_per_epoch(b, world)
         total = per_epoch * r.optim.epochs
         if r.optim.max_steps:
             total = min(total, r.optim.max_steps)
         self.total_steps = total
+        self.amp_dtype = self._amp_dtype()
+        module_args: dict[str, Any] = {}
+        for provider in self.providers:
+            with self._rng_kept():
+                provider.setup(self)
+            module_args.update(provider.loss_module_args())
+        embed_dim = int(model.visual.proj.shape[1])
+        self.heads = make_modules(self.losses, embed_dim, len(self.labels), **module_args).to(device)
+        self.tokenizer = model_tokenizer(model)
+        size = image_size_hw(cfg)
+        ds = self.dataset
+        train_imgs = ImageStore([ds.image_path(x) for x in self.train_records], size, cache=r.data.cache_images)
+        self.trainset = TrainSet(self.train_records, train_imgs, self.labels, self.tokenizer, r.augment,
+                                 views=self._views(), seed=r.seed, clean=self.clean)
         neighbours = None
         if r.data.hard_batches > 0:
             pairs = self.trainset.pairs
@@ -279,7 +323,6 @@ class Trainer:
         named = list(model.named_parameters()) + [(f"heads.{n}", p) for n, p in self.heads.named_parameters()]
         self.optimizer = torch.optim.AdamW(param_groups(named, r.optim.weight_decay), lr=r.optim.lr,
                                            betas=r.optim.betas, eps=r.optim.eps)
-        self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.val_store = ImageStore([ds.image_path(x) for x in self.val_records], size, cache=r.data.cache_images)
         self.sampler, self.loader = sampler, loader
@@ -414,16 +457,20 @@ class Trainer:
             return torch.float16
         return torch.bfloat16
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of the recipe's ``optim.precision`` (nothing on CPU or with fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def _embed(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> dict[str, torch.Tensor]:
+    def _embed(self, batch: dict[str, torch.Tensor],
+               capture: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The student's embeddings of the batch's views; with ``capture``, the providers' student hooks are on
+        during the pass and write their loss-input fields into it."""
         m = self.model
-        hooks, captured = self._hidden_hooks(m, "student") if hidden else ([], {})
+        hooks = [h for p in self.providers for h in p.hook_student(m, capture)] if capture is not None else []
         try:
-            with self._autocast():
+            with self.autocast():
                 out = {"image": F.normalize(m.encode_image(batch["image"]).float(), dim=-1),
                        "text": F.normalize(m.encode_text(batch["text"]).float(), dim=-1)}
                 if "image_mvs" in batch:
@@ -434,69 +481,11 @@ class Trainer:
         finally:
             for h in hooks:
                 h.remove()
-        for k, v in captured.items():
-            out[f"hidden:{k}"] = v.float()
         return out
 
-    def _hidden_hooks(self, model: nn.Module, who: str) -> tuple[list, dict[str, torch.Tensor]]:
-        from ..models.factory import tower_blocks
-
-        captured: dict[str, torch.Tensor] = {}
-        hooks = []
-        for tower in ("vision", "text"):
-            blk = tower_blocks(model, tower)[-1]
-
-            def hook(_m, _i, o, name=f"{tower}.last"):
-                captured[name] = o
-
-            hooks.append(blk.register_forward_hook(hook))
-        return hooks, captured
-
-    def _hidden_widths(self) -> dict[str, tuple[int, int]] | None:
-        if self.teacher is None or "kd_hidden" not in self.losses:
-            return None
-        s, t = self._model_widths(self.model), self._model_widths(self.teacher.model)
-        return {k: (s[k], t[k]) for k in s}
-
-    @staticmethod
-    def _model_widths(m: nn.Module) -> dict[str, int]:
-        return {"vision.last": int(m.visual.conv1.out_channels), "text.last": int(m.token_embedding.embedding_dim)}
-
-    @torch.no_grad()
-    def _teacher_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        t = self.teacher
-        if t is None:
-            return {}
-        out: dict[str, torch.Tensor] = {}
-        if t.cache is not None and "index" in batch:
-            idx = batch["index"].cpu()
-            if hasattr(t.cache, "lookup"):
-                hit = t.cache.lookup(self.trainset.epoch, idx)
-            else:
-                hit = {"text": t.cache["text"][idx]}
-            for k, v in hit.items():
-                out[f"teacher_{k}"] = v.to(self.device).float()
-        if "teacher_image" in out and "teacher_text" in out and not t.hidden:
-            return out
-        inputs = {"image": batch["image"], "text": batch.get("teacher_text_tokens", batch["text"])}
-        if t.adapt is not None:
-            inputs = t.adapt(inputs)
-        hooks, captured = self._hidden_hooks(t.model, "teacher") if t.hidden else ([], {})
-        try:
-            with self._autocast():
-                if "teacher_image" not in out or t.hidden:
-                    out["teacher_image"] = F.normalize(t.model.encode_image(inputs["image"]).float(), dim=-1)
-                if "teacher_text" not in out or t.hidden:
-                    out["teacher_text"] = F.normalize(t.model.encode_text(inputs["text"]).float(), dim=-1)
-        finally:
-            for h in hooks:
-                h.remove()
-        for k, v in captured.items():
-            out[f"teacher_hidden:{k}"] = v.float()
-        return out
-
-    def _loss(self, emb: dict[str, torch.Tensor], pids: torch.Tensor, teach: dict[str, torch.Tensor],
+    def _loss(self, emb: dict[str, torch.Tensor], pids: torch.Tensor, fields: dict[str, Any],
               progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted losses of the student's embeddings ``emb`` plus the providers' loss-input ``fields``."""
         glob = self.recipe.tricks.global_gradients
 
         def gather(x: torch.Tensor) -> torch.Tensor:
@@ -520,16 +509,10 @@ class Trainer:
             inputs.all_image_mvs = gather(emb["image_mvs"])
         if "ssl_a" in emb:
             inputs.ssl_a, inputs.ssl_b = emb["ssl_a"], emb["ssl_b"]
-        if teach:
-            inputs.teacher_image = teach["teacher_image"]
-            inputs.teacher_text = teach["teacher_text"]
-            if dist.world_size() > 1:
-                inputs.all_teacher_image = dist.all_gather_nograd(teach["teacher_image"])
-                inputs.all_teacher_text = dist.all_gather_nograd(teach["teacher_text"])
-            hid = {k.split(":", 1)[1]: v for k, v in emb.items() if k.startswith("hidden:")}
-            thid = {k.split(":", 1)[1]: v for k, v in teach.items() if k.startswith("teacher_hidden:")}
-            if hid:
-                inputs.student_hidden, inputs.teacher_hidden = hid, thid
+        for name, value in fields.items():
+            if name not in LOSS_FIELDS:
+                raise TypeError(f"a loss input provider gave {name!r}, which is not a field of LossInputs")
+            setattr(inputs, name, value)
         return self.losses(inputs)
 
     def step(self, batch: dict[str, torch.Tensor], progress: float) -> dict[str, float]:
@@ -537,19 +520,21 @@ class Trainer:
         dev = self.device
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         pids = batch["pid"]
-        hidden = self.teacher is not None and self.teacher.hidden
-        teach = self._teacher_outputs(batch)
+        fields: dict[str, Any] = {}
+        for provider in self.providers:
+            fields.update(provider.batch_inputs(batch, self.trainset.epoch))
         chunk = self.recipe.optim.grad_cache_chunk
         self.optimizer.zero_grad(set_to_none=True)
         n = pids.shape[0]
         if chunk is None or chunk >= n:
-            emb = self._embed(batch, hidden=hidden)
-            loss, terms = self._loss(emb, pids, teach, progress)
+            emb = self._embed(batch, capture=fields)
+            loss, terms = self._loss(emb, pids, fields, progress)
             self.scaler.scale(loss).backward()
         else:
-            if hidden:
-                raise ConfigError("optim.grad_cache_chunk cannot be combined with the kd_hidden loss")
-            loss, terms = self._cached_backward(batch, pids, teach, progress, chunk)
+            for provider in self.providers:
+                if provider.student_capture:
+                    raise ConfigError(f"optim.grad_cache_chunk cannot be combined with {provider.student_capture}")
+            loss, terms = self._cached_backward(batch, pids, fields, progress, chunk)
         self._reduce_grads()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -559,7 +544,7 @@ class Trainer:
         out["loss"] = float(loss.detach())
         return out
 
-    def _cached_backward(self, batch, pids, teach, progress, chunk):
+    def _cached_backward(self, batch, pids, fields, progress, chunk):
         keys = [k for k in ("image", "text", "image_mvs", "ssl_a", "ssl_b") if k in batch]
         n = pids.shape[0]
         slices = [slice(s, min(n, s + chunk)) for s in range(0, n, chunk)]
@@ -569,7 +554,7 @@ class Trainer:
                 states.append(rng_state(self.device))
                 parts.append(self._embed({k: batch[k][sl] for k in keys}))
         cached = {k: torch.cat([p[k] for p in parts]).detach().requires_grad_(True) for k in parts[0]}
-        loss, terms = self._loss(cached, pids, teach, progress)
+        loss, terms = self._loss(cached, pids, fields, progress)
         self.scaler.scale(loss).backward()
         end_state = rng_state(self.device)
         for sl, st in zip(slices, states, strict=True):
