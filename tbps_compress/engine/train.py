@@ -260,9 +260,10 @@ class Trainer:
                 dist.cleanup()
 
     def prepare(self) -> None:
-        """Set up everything the training loop needs, touching no files: device, seeds, losses, data, model, loss
-        heads, tokenizer, ``trainset`` / ``sampler`` / ``loader``, optimiser, precision and the validation images.
-        :meth:`run` calls it; tools and tests call it to drive :meth:`step` directly."""
+        """Set up everything the training loop needs, touching no files: device, seeds, losses, data, model, steps,
+        precision, the loss-input providers, loss heads, tokenizer, ``trainset`` / ``sampler`` / ``loader``,
+        optimiser and the validation images. :meth:`run` calls it; tools and tests call it to drive :meth:`step`
+        directly."""
         r = self.recipe
         self.device = device = resolve_device(r.device)
         if device.type == "cuda":
