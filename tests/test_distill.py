@@ -236,7 +236,7 @@ def test_vocabulary_pruning_keeps_outputs_and_saves_parameters() -> None:
 
 def test_cached_teacher_outputs_skip_the_teacher_forward() -> None:
     from tbps_compress.compress.distill import TeacherCache
-    from tbps_compress.engine.train import TeacherSpec, Trainer
+    from tbps_compress.compress.teacher import Teacher
 
     class NoForward(torch.nn.Module):
         def encode_image(self, x):
@@ -247,13 +247,9 @@ def test_cached_teacher_outputs_skip_the_teacher_forward() -> None:
     n, d = 6, 4
     cache = TeacherCache(path=Path("c"), text=torch.randn(1, n, d), image=torch.randn(2, n, d),
                          meta={"epochs": 2, "text_invariant": True, "image_invariant": False})
-    tr = Trainer.__new__(Trainer)
-    tr.teacher = TeacherSpec(model=NoForward(), artifact=Path("t"), cache=cache)
-    tr.device = torch.device("cpu")
-    tr.trainset = type("S", (), {"epoch": 1})()
-    tr.amp_dtype = None
+    teacher = Teacher(NoForward(), artifact=Path("t"), cache=cache)  # on the CPU, no autocast until set up
     idx = torch.tensor([4, 1])
-    out = tr._teacher_outputs({"index": idx, "image": torch.zeros(2), "text": torch.zeros(2)})
+    out = teacher.batch_inputs({"index": idx, "image": torch.zeros(2), "text": torch.zeros(2)}, epoch=1)
     assert torch.allclose(out["teacher_image"], torch.nn.functional.normalize(cache.image[1][idx], dim=-1))
     assert torch.allclose(out["teacher_text"], torch.nn.functional.normalize(cache.text[0][idx], dim=-1))
 

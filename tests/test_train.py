@@ -22,7 +22,7 @@ from tbps_compress import distributed as dist
 from tbps_compress.artifacts import open_artifact
 from tbps_compress.config import load_recipe
 from tbps_compress.data.loader import identity_subset
-from tbps_compress.engine.train import Interrupted, Progress, Trainer, lr_at
+from tbps_compress.engine.train import Interrupted, LossInputProvider, Progress, Trainer, lr_at
 from tbps_compress.errors import CheckpointError, ConfigError, UserError
 from tbps_compress.recipes import TrainRecipe
 
@@ -119,6 +119,69 @@ def test_gradient_caching_replays_text_dropout(make_train_recipe, tmp_path: Path
     other = _grads(tr)
     text = [k for k in other if k.startswith("transformer.")]
     assert max((other[k] - cached[k]).abs().max().item() for k in text) > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- providers
+class _FixedTarget(LossInputProvider):
+    """A loss-input provider: a fixed 'teacher' embedding per batch, a student hook, random draws in its set-up."""
+
+    student_capture = "the test provider's hook"
+
+    def __init__(self, dim: int = 7, extra: dict[str, Any] | None = None, draw: bool = True) -> None:
+        self.dim, self.extra, self.draw, self.calls = dim, extra or {}, draw, []
+
+    def setup(self, trainer: Trainer) -> None:
+        self.calls.append(("setup", trainer.model is not None, trainer.per_epoch))
+        if self.draw:  # must not move the trainer's random streams
+            torch.rand(100), random.random()
+
+    def loss_module_args(self) -> dict[str, Any]:
+        return {"teacher_dim": self.dim}
+
+    def batch_inputs(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, Any]:
+        self.calls.append(("batch", epoch))
+        n = batch["pid"].shape[0]
+        target = torch.nn.functional.normalize(torch.ones(n, self.dim), dim=-1)
+        return {"teacher_image": target, "teacher_text": target, **self.extra}
+
+    def hook_student(self, model: torch.nn.Module, fields: dict[str, Any]) -> list:
+        def hook(_m, _i, o):
+            self.calls.append(("hook", tuple(o.shape)))
+
+        return [model.visual.ln_post.register_forward_hook(hook)]
+
+
+def test_loss_input_providers_feed_the_losses(make_train_recipe, tmp_path: Path) -> None:
+    recipe = make_train_recipe(tmp_path / "out", losses={"n_itc": {}, "kd_feature": {}}, optim={"batch_size": 8})
+    plain = Trainer(make_train_recipe(tmp_path / "o2", losses={"n_itc": {}, "kd_feature": {}}, optim={"batch_size": 8}),
+                    providers=[LossInputProvider()])
+    with pytest.raises(ConfigError, match="need a teacher"):
+        plain.prepare()  # kd_feature without a provider of the teacher's width
+    prov = _FixedTarget()
+    tr = Trainer(recipe, providers=[prov])
+    tr.prepare()
+    assert prov.calls == [("setup", True, tr.per_epoch)]
+    assert tuple(tr.heads["kd_image_proj"].weight.shape) == (7, int(tr.model.visual.proj.shape[1]))
+    after = torch.get_rng_state(), random.getstate()
+    ref = Trainer(recipe.model_copy(update={"output": str(tmp_path / "o3")}), providers=[_FixedTarget(draw=False)])
+    ref.prepare()
+    assert torch.equal(after[0], torch.get_rng_state()) and after[1] == random.getstate()
+    for name, p in tr.heads.named_parameters():  # the provider's draws in its set-up did not shift the heads' init
+        assert torch.equal(p, dict(ref.heads.named_parameters())[name]), name
+    batch = next(iter(tr.loader))
+    terms = tr.step(batch, progress=0.5)
+    assert terms["kd_feature_loss"] > 0 and ("batch", 0) in prov.calls
+    assert any(c[0] == "hook" for c in prov.calls), "the student hook ran on the forward pass with gradient"
+    assert not tr.model.visual.ln_post._forward_hooks, "the trainer removes the provider's hooks"
+    tr.recipe.optim.grad_cache_chunk = 4
+    with pytest.raises(ConfigError, match="grad_cache_chunk cannot be combined with the test provider's hook"):
+        tr.step(batch, progress=0.5)
+    tr.recipe.optim.grad_cache_chunk = None
+    bad = Trainer(recipe.model_copy(update={"output": str(tmp_path / "o4")}),
+                  providers=[_FixedTarget(extra={"teacher_logits": torch.zeros(1)})])
+    bad.prepare()
+    with pytest.raises(TypeError, match="teacher_logits"):
+        bad.step(next(iter(bad.loader)), progress=0.5)
 
 
 # ----------------------------------------------------------------------------------------------- resume

@@ -3,8 +3,10 @@
 ``run_distill`` reads the teacher artifact (hash-verified), builds the student (a registered or inline config;
 random init, another artifact's weights, or TinyCLIP-style weight inheritance from the teacher), optionally
 shrinks its token table to the training vocabulary, and trains it with the shared loop
-(:class:`tbps_compress.engine.train.Trainer`) against the frozen teacher: task losses plus the registered KD losses
-of the recipe. Progress, logging, checkpoint/resume, DDP and validation are the teacher trainer's.
+(:class:`tbps_compress.engine.train.Trainer`) against the frozen teacher (:class:`DistillTeacher`, a
+:class:`tbps_compress.compress.teacher.Teacher` handed to the trainer as a loss-input provider): task losses plus the
+registered KD losses of the recipe. Data, steps, precision, progress, logging, checkpoint/resume, DDP and validation
+are the trainer's.
 
 Weight inheritance (:func:`inherit_weights`): student layers are teacher layers picked at a uniform stride (first
 and last kept) or by measured importance (relative residual update on training samples); residual channels, joint
@@ -43,7 +45,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,10 +54,18 @@ from torch import Tensor, nn
 
 from ..config import Strict
 from ..errors import ConfigError, UserError
-from ..models.factory import EOT_TOKEN, tower_blocks
+from ..models.factory import tower_blocks
 from ..models.vocab import prune_vocabulary, vocabulary_captions
 from ..recipes import ModelCfg, TrainRecipe
 from . import importance as imp
+from .teacher import Teacher, load_teacher, teacher_adapter
+
+if TYPE_CHECKING:
+    from ..engine.train import Trainer
+
+__all__ = ["DistillRecipe", "DistillTeacher", "InheritanceError", "TeacherCache", "TeacherCacheError",
+           "build_student", "build_teacher_cache", "cache_key", "inherit_weights", "load_teacher",
+           "load_teacher_cache", "resolve_cache_path", "run_distill", "student_config", "teacher_adapter"]
 
 log = logging.getLogger(__name__)
 
@@ -435,58 +445,6 @@ def inherit_weights(
     return student
 
 
-# ------------------------------------------------------------------------------------------------- teacher inputs
-
-
-def teacher_adapter(student: nn.Module, teacher: nn.Module) -> Callable[[dict[str, Tensor]], dict[str, Tensor]] | None:
-    """A function mapping the student's inputs {"image", "text"} to the teacher's: token ids through both
-    vocabulary maps, padding/truncation to the teacher's context length, images resized to its input size.
-    ``None`` when the two take the same inputs."""
-    from ..models.config import image_size_hw
-
-    s_vm = getattr(student, "tbps_vocab_map", None) or None
-    t_vm = getattr(teacher, "tbps_vocab_map", None) or None
-    t_unk = getattr(teacher, "tbps_unk_id", None)
-    s_ctx, t_ctx = int(student.positional_embedding.shape[0]), int(teacher.positional_embedding.shape[0])
-    s_hw, t_hw = image_size_hw(student.tbps_config), image_size_hw(teacher.tbps_config)
-    lut: Tensor | None = None
-    if s_vm or t_vm:
-        n_s = int(student.token_embedding.num_embeddings)
-        orig = torch.arange(n_s) if s_vm is None else torch.full((n_s,), -1, dtype=torch.long)
-        if s_vm is not None:
-            for o, n in s_vm.items():
-                orig[n] = o
-        if t_vm is not None:
-            t_lut = torch.full((max(max(t_vm), EOT_TOKEN) + 1,), -1 if t_unk is None else t_unk, dtype=torch.long)
-            for o, n in t_vm.items():
-                t_lut[o] = n
-            lut = torch.where(orig >= 0, t_lut[orig.clamp_min(0)], torch.full_like(orig, -1))
-        else:
-            lut = orig
-        # ids with no teacher counterpart (the student's unk): the teacher's unk, else padding
-        lut = torch.where(lut >= 0, lut, torch.full_like(lut, t_unk if t_unk is not None else 0))
-        lut[0] = 0
-    t_eot = t_vm[EOT_TOKEN] if t_vm else EOT_TOKEN
-    if lut is None and s_ctx == t_ctx and s_hw == t_hw:
-        return None
-
-    def adapt(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        text, image = inputs["text"], inputs["image"]
-        if lut is not None:
-            text = lut.to(text.device)[text]
-        if t_ctx > s_ctx:
-            text = F.pad(text, (0, t_ctx - s_ctx))
-        elif t_ctx < s_ctx:
-            lost = (text[:, :t_ctx] == t_eot).sum(dim=1) == 0
-            text = text[:, :t_ctx].clone()
-            text[lost, -1] = t_eot
-        if s_hw != t_hw:
-            image = F.interpolate(image, size=t_hw, mode="bilinear", align_corners=False)
-        return {"image": image, "text": text}
-
-    return adapt
-
-
 # ------------------------------------------------------------------------------------------------- teacher cache
 
 
@@ -602,11 +560,13 @@ def build_teacher_cache(
     device: torch.device,
     adapt_image: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 128,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> TeacherCache:
     """Compute and write the teacher's embeddings of every training sample for ``epochs`` epochs.
 
     The samples are generated by the same :class:`data.loader.TrainSet` as training (same seed, augmentation and
-    views, images at ``image_size``), text tokenised with the teacher's own tokenizer.
+    views, images at ``image_size``), text tokenised with the teacher's own tokenizer. ``autocast``: the training's
+    mixed-precision context (the trainer's); by default the recipe's ``optim.precision`` on a CUDA device.
     """
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader
@@ -631,15 +591,19 @@ def build_teacher_cache(
     n_image = 1 if img_inv else epochs
     was = teacher.training
     teacher.eval().to(device)
-    amp = device.type == "cuda" and recipe.optim.precision != "fp32"
-    amp_dtype = torch.float16 if recipe.optim.precision == "fp16" else torch.bfloat16
+    if autocast is None:
+        amp = device.type == "cuda" and recipe.optim.precision != "fp32"
+        amp_dtype = torch.float16 if recipe.optim.precision == "fp16" else torch.bfloat16
+
+        def autocast() -> contextlib.AbstractContextManager:
+            return torch.autocast("cuda", dtype=amp_dtype) if amp else contextlib.nullcontext()
     text_out, image_out = [], []
     for epoch in range(max(n_text, n_image)):
         ds.epoch = epoch
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=recipe.data.num_workers)
         texts, images = [], []
         for batch in loader:
-            with torch.autocast("cuda", dtype=amp_dtype) if amp else contextlib.nullcontext():
+            with autocast():
                 if epoch < n_image:
                     img = batch["image"].to(device)
                     if adapt_image is not None:
@@ -676,14 +640,14 @@ def build_teacher_cache(
 
 def _importance_batch(teacher: nn.Module, ds: Any, records: Sequence[Any], n: int) -> tuple[Tensor, Tensor]:
     from ..data.loader import load_image_resized
-    from ..engine.evaluate import _normalize
     from ..models.config import image_size_hw
     from ..models.tokenizer import get_tokenizer
+    from ..retrieval.encoders import normalize_pixels
     from ..runtime.tokenizer import clean_caption
 
     recs = list(records)[:n]
     size = image_size_hw(teacher.tbps_config)
-    images = _normalize(torch.stack([load_image_resized(ds.image_path(r), size) for r in recs]))
+    images = normalize_pixels(torch.stack([load_image_resized(ds.image_path(r), size) for r in recs]))
     tok = get_tokenizer(teacher.tbps_config, getattr(teacher, "tbps_vocab_map", None) or None,
                         getattr(teacher, "tbps_unk_id", None))
     return images, tok([clean_caption(r.captions[0]) for r in recs])
@@ -696,18 +660,6 @@ def _architecture(cfg: dict[str, Any]) -> str:
     for k in ("name", "description"):
         c.pop(k, None)
     return json.dumps(c, sort_keys=True)
-
-
-def _load_teacher(path: Path) -> tuple[nn.Module, str]:
-    from ..artifacts import open_artifact
-    from ..models.io import load_model
-
-    art = open_artifact(path)  # verifies every file against lineage.json
-    if art.kind != "torch":
-        raise UserError(f"teacher.artifact {path}: an ONNX artifact; distillation needs a PyTorch artifact")
-    teacher = load_model(art, verify=False)
-    teacher.eval().requires_grad_(False)
-    return teacher, str(art.lineage.get("content_hash", ""))
 
 
 def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_records: Sequence[Any],
@@ -743,117 +695,116 @@ def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_reco
                            teacher_name=str(recipe.teacher.artifact), plan=plan)
 
 
+class DistillTeacher(Teacher):
+    """The teacher of a distill recipe: loaded from ``teacher.artifact`` on first use; at set-up it opens (or
+    builds, on the main process) the recipe's ``teacher.cache`` for the trainer's data, views, student input size
+    and number of epochs. :attr:`cache_info` describes the cache for the artifact's metrics."""
+
+    def __init__(self, recipe: DistillRecipe) -> None:
+        super().__init__(artifact=recipe.teacher.artifact, hidden=recipe.teacher.hidden)
+        self.recipe = recipe
+        self.cache_info: dict[str, Any] = {}
+
+    def setup(self, trainer: Trainer) -> None:
+        super().setup(trainer)
+        if self.recipe.teacher.cache:
+            self.cache, self.cache_info = self._open_cache(trainer)
+
+    def _open_cache(self, trainer: Trainer) -> tuple[TeacherCache, dict[str, Any]]:
+        from .. import distributed as dist
+        from ..models.config import image_size_hw
+
+        r, teacher = self.recipe, self.model
+        assert self.artifact is not None and r.teacher.cache
+        teacher_hash = self.content_hash or ""
+        records, views = trainer.train_records, trainer.views
+        size = image_size_hw(trainer.model.tbps_config)
+        key = cache_key(r, records, views, size)
+        epochs = min(r.optim.epochs, math.ceil(trainer.total_steps / trainer.per_epoch))
+        path = resolve_cache_path(r.teacher.cache, teacher_hash, key)
+        built = False
+        if not path.exists() and dist.is_main():
+            t_hw = image_size_hw(teacher.tbps_config)
+            resize = None if t_hw == size else (
+                lambda x: F.interpolate(x, size=t_hw, mode="bilinear", align_corners=False))
+            build_teacher_cache(path, teacher, teacher_hash, records, [trainer.dataset.image_path(x) for x in records],
+                                r, views=views, image_size=size, epochs=epochs, device=trainer.device,
+                                adapt_image=resize, batch_size=r.eval.batch_size, autocast=trainer.autocast)
+            built = True
+        dist.barrier()
+        cache = load_teacher_cache(path, teacher_hash, key, self.artifact)
+        if cache.epochs < epochs and not (cache.meta.get("text_invariant") and cache.meta.get("image_invariant")):
+            log.warning("%s covers %d of the %d epochs this run needs; later epochs run the teacher online",
+                        path, cache.epochs, epochs)
+        info = {"path": str(path), "built": built, "epochs": cache.epochs,
+                "text_invariant": bool(cache.meta.get("text_invariant")),
+                "image_invariant": bool(cache.meta.get("image_invariant"))}
+        return cache, info
+
+
 def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = False, progress: Any = None,
                 dataset: Any = None) -> Path:
-    """Distil ``recipe.teacher.artifact`` into the recipe's student; returns the new artifact folder."""
-    from .. import distributed as dist
-    from ..artifacts import WEIGHTS, check_output_dir
-    from ..data.loader import steps_per_epoch
-    from ..data.splits import build_splits
-    from ..devices import resolve_device
-    from ..engine.train import TeacherSpec, Trainer, train_views
+    """Distil ``recipe.teacher.artifact`` into the recipe's student; returns the new artifact folder.
+
+    The shared :class:`~tbps_compress.engine.train.Trainer` does the run (folder and resume checks, processes,
+    data, steps, precision, checkpoints); this adds the student (built from the trainer's training data) and the
+    teacher as the trainer's loss-input provider (:class:`DistillTeacher`) when a loss needs it."""
+    from ..artifacts import WEIGHTS
+    from ..engine.train import Trainer
     from ..losses import LossSet
-    from ..models.config import image_size_hw
     from ..models.factory import count_macs, count_parameters
     from ..models.tokenizer import get_tokenizer
     from ..runtime.tokenizer import clean_caption
 
     r = recipe
     teacher_path = Path(r.teacher.artifact)
-    out = Path(r.output)
-    if not resume:
-        check_output_dir(out, force)
-    elif not (out / "lineage.json").exists() and not (out.parent / f"{out.name}.ckpt" / "last.ckpt").exists():
-        raise UserError(f"{out.parent / f'{out.name}.ckpt' / 'last.ckpt'}: no checkpoint to resume from; "
-                        "start without --resume")
-    started = dist.setup_from_env()
-    try:
-        teacher, teacher_hash = _load_teacher(teacher_path)
-        losses = LossSet({k: (dict(v) if v else {}) for k, v in r.losses.items()})
-        splits = build_splits(r, dataset)
-        ds, train_records = splits.dataset, splits.train
-        plan = InheritancePlan()
-        student = build_student(r, teacher, ds, train_records, plan)
-        params_before = count_parameters(student)
-        vocab_info: dict[str, Any] | None = None
+    losses = LossSet({k: (dict(v) if v else {}) for k, v in r.losses.items()})
+    teacher = DistillTeacher(r)
+    uses_teacher = any(n in KD_NEEDS for n in losses.needs) or r.teacher.hidden
+    plan = InheritancePlan()
+    vocab_info: dict[str, Any] | None = None
+
+    def student(trainer: Trainer) -> nn.Module:
+        nonlocal vocab_info
+        model = build_student(r, teacher.model, trainer.dataset, trainer.train_records, plan)
+        params_before = count_parameters(model)
         if r.student.vocab_prune:
-            texts = vocabulary_captions(train_records, r.augment, clean_caption)
-            rows_before = int(student.token_embedding.num_embeddings)
-            prune_vocabulary(student, texts, get_tokenizer(student.tbps_config))
+            texts = vocabulary_captions(trainer.train_records, r.augment, clean_caption)
+            rows_before = int(model.token_embedding.num_embeddings)
+            prune_vocabulary(model, texts, get_tokenizer(model.tbps_config))
             vocab_info = {"vocab_size_before": rows_before,
-                          "vocab_size_after": int(student.token_embedding.num_embeddings),
-                          "unk_id": student.tbps_unk_id, "parameters_before": params_before["total"]}
-        uses_teacher = any(n in KD_NEEDS for n in losses.needs) or r.teacher.hidden
-        spec = None
-        cache_info: dict[str, Any] = {}
-        if uses_teacher:
-            adapt = teacher_adapter(student, teacher)
-            cache = None
-            if r.teacher.cache:
-                views = train_views(losses.needs)
-                size = image_size_hw(student.tbps_config)
-                key = cache_key(r, train_records, views, size)
-                n_samples = sum(len(x.captions) for x in train_records)
-                per_epoch = max(1, steps_per_epoch(n_samples, r.optim.batch_size, dist.world_size()))
-                total = per_epoch * r.optim.epochs
-                if r.optim.max_steps:
-                    total = min(total, r.optim.max_steps)
-                epochs = min(r.optim.epochs, math.ceil(total / per_epoch))
-                cache_path = resolve_cache_path(r.teacher.cache, teacher_hash, key)
-                built = False
-                if not cache_path.exists() and dist.is_main():
-                    t_hw = image_size_hw(teacher.tbps_config)
-                    resize = None if t_hw == size else (
-                        lambda x: F.interpolate(x, size=t_hw, mode="bilinear", align_corners=False))
-                    build_teacher_cache(cache_path, teacher, teacher_hash, train_records,
-                                        [ds.image_path(x) for x in train_records], r, views=views,
-                                        image_size=size, epochs=epochs, device=resolve_device(r.device),
-                                        adapt_image=resize, batch_size=r.eval.batch_size)
-                    built = True
-                dist.barrier()
-                cache = load_teacher_cache(cache_path, teacher_hash, key, teacher_path)
-                if cache.epochs < epochs and not (cache.meta.get("text_invariant")
-                                                  and cache.meta.get("image_invariant")):
-                    log.warning("%s covers %d of the %d epochs this run needs; later epochs run the teacher online",
-                                cache_path, cache.epochs, epochs)
-                cache_info = {"path": str(cache_path), "built": built, "epochs": cache.epochs,
-                              "text_invariant": bool(cache.meta.get("text_invariant")),
-                              "image_invariant": bool(cache.meta.get("image_invariant"))}
-            spec = TeacherSpec(model=teacher, artifact=teacher_path, cache=cache, hidden=r.teacher.hidden,
-                               adapt=adapt)
-        teacher_params = count_parameters(teacher)
-        teacher_macs = count_macs(teacher.tbps_config)
-        teacher_metrics = _teacher_metrics(teacher_path)
+                          "vocab_size_after": int(model.token_embedding.num_embeddings),
+                          "unk_id": model.tbps_unk_id, "parameters_before": params_before["total"]}
+        return model
 
-        def extra(tmp: Path) -> dict[str, Any]:
-            sp = count_parameters(student)
-            macs = count_macs(student.tbps_config)
-            info: dict[str, Any] = {
-                "teacher": str(teacher_path), "teacher_content_hash": teacher_hash,
-                "init": r.student.init, "inheritance": plan.as_dict() if r.student.init == "inherit" else None,
-                "teacher_parameters": teacher_params, "teacher_macs": teacher_macs, "macs": macs,
-                "non_embedding_ratio": round(sp["non_embedding"] / max(1, teacher_params["non_embedding"]), 4),
-                "macs_ratio": round(sum(macs.values()) / max(1, sum(teacher_macs.values())), 4),
-                "teacher_test": teacher_metrics, "cache": cache_info or None,
-            }
-            out: dict[str, Any] = {"distill": info}
-            if vocab_info is not None:
-                saved = vocab_info["parameters_before"] - sp["total"]
-                elem = student.token_embedding.weight.element_size()
-                size = (tmp / WEIGHTS).stat().st_size
-                out["vocab_prune"] = {**vocab_info, "parameters_after": sp["total"], "parameters_saved": saved,
-                                      "weights_file_bytes": size, "weights_file_bytes_unpruned": size + saved * elem,
-                                      "file_saving": round(saved * elem / (size + saved * elem), 4)}
-                log.info("vocabulary pruning saved %d parameters (%.1f%% of the weights file: %.2f MB -> %.2f MB)",
-                         saved, 100 * out["vocab_prune"]["file_saving"], (size + saved * elem) / 1e6, size / 1e6)
-            return out
+    def extra(tmp: Path) -> dict[str, Any]:
+        t_model, s_model = teacher.model, trainer.model
+        teacher_params = count_parameters(t_model)
+        teacher_macs = count_macs(t_model.tbps_config)
+        sp = count_parameters(s_model)
+        macs = count_macs(s_model.tbps_config)
+        info: dict[str, Any] = {
+            "teacher": str(teacher_path), "teacher_content_hash": teacher.content_hash or "",
+            "init": r.student.init, "inheritance": plan.as_dict() if r.student.init == "inherit" else None,
+            "teacher_parameters": teacher_params, "teacher_macs": teacher_macs, "macs": macs,
+            "non_embedding_ratio": round(sp["non_embedding"] / max(1, teacher_params["non_embedding"]), 4),
+            "macs_ratio": round(sum(macs.values()) / max(1, sum(teacher_macs.values())), 4),
+            "teacher_test": _teacher_metrics(teacher_path), "cache": teacher.cache_info or None,
+        }
+        out: dict[str, Any] = {"distill": info}
+        if vocab_info is not None:
+            saved = vocab_info["parameters_before"] - sp["total"]
+            elem = s_model.token_embedding.weight.element_size()
+            size = (tmp / WEIGHTS).stat().st_size
+            out["vocab_prune"] = {**vocab_info, "parameters_after": sp["total"], "parameters_saved": saved,
+                                  "weights_file_bytes": size, "weights_file_bytes_unpruned": size + saved * elem,
+                                  "file_saving": round(saved * elem / (size + saved * elem), 4)}
+            log.info("vocabulary pruning saved %d parameters (%.1f%% of the weights file: %.2f MB -> %.2f MB)",
+                     saved, 100 * out["vocab_prune"]["file_saving"], (size + saved * elem) / 1e6, size / 1e6)
+        return out
 
-        trainer = Trainer(r, model=student, teacher=spec, stage="distill", parent=teacher_path, progress=progress,
-                          extra_files=extra, dataset=splits)
-    except BaseException:
-        if started:
-            dist.cleanup()
-        raise
+    trainer = Trainer(r, model=student, providers=[teacher] if uses_teacher else [], stage="distill",
+                      parent=teacher_path, progress=progress, extra_files=extra, dataset=dataset)
     return trainer.run(resume=resume, force=force)
 
 

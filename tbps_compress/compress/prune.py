@@ -25,7 +25,7 @@ units and heads across the blocks of a tower instead of per block. Importance cr
 Schedule: depth first (step 1), then ``iterative_steps`` rounds, each pruning a linear share of the final targets
 (fresh dependency graph each round, targets relative to the model after depth pruning) followed by a recovery phase:
 the shared :class:`~tbps_compress.engine.train.Trainer` with the teacher artifact as a frozen
-:class:`~tbps_compress.engine.train.TeacherSpec` (default losses kd_feature + kd_affinity + n_itc). Intermediate
+:class:`~tbps_compress.compress.teacher.Teacher` (default losses kd_feature + kd_affinity + n_itc). Intermediate
 steps are artifacts under ``<output>.steps/`` (removed at the end), so ``--resume`` continues after the last
 finished step (and inside a step from the trainer's checkpoint).
 
@@ -614,9 +614,9 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     from ..artifacts import check_output_dir, open_artifact, write_json
     from ..data.splits import build_splits
     from ..devices import resolve_device
-    from ..engine.train import TeacherSpec, Trainer
+    from ..engine.train import Trainer
     from ..models.io import load_model
-    from .distill import teacher_adapter
+    from .teacher import Teacher
 
     out = Path(recipe.output)
     steps_dir = out.parent / f"{out.name}.steps"
@@ -672,8 +672,7 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
         state["reference"] = {t: tower_sizes(model, t) for t in TOWERS}
         write_json(state_file, state)
     log.info("dropping blocks %s", state["dropped"])
-    spec_kwargs: dict[str, Any] = {"model": teacher, "artifact": teacher_path,
-                                   "hidden": "kd_hidden" in recipe.losses}
+    frozen = Teacher(teacher, artifact=teacher_path, hidden="kd_hidden" in recipe.losses)  # adapts to each round
     rounds: list[dict[str, Any]] = []
     for i in range(1, start):
         rounds.append({"step": i, **_round_summary(steps_dir / f"step{i}")})
@@ -693,13 +692,9 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
                 continue
             _write_unrecovered(recipe, model, target, source_path, splits, device, report, force)
         else:
-            adapt = teacher_adapter(model, teacher)
-            kwargs = dict(spec_kwargs)
-            if adapt is not None:
-                kwargs["adapt"] = adapt
             ckpt = target.parent / f"{target.name}.ckpt" / "last.ckpt"
             trainer = Trainer(
-                _recovery_recipe(recipe, target, per_epoch), model=model, teacher=TeacherSpec(**kwargs),
+                _recovery_recipe(recipe, target, per_epoch), model=model, providers=[frozen],
                 stage="prune", parent=source_path, progress=progress, dataset=splits,
                 extra_files=(lambda _tmp, rep=report: {"prune": rep}) if final else None,
             )

@@ -6,8 +6,9 @@ batch is embedded without gradient in chunks, the loss is computed on the whole 
 and each chunk is re-embedded with gradient and back-propagated with its cached embedding gradient (random states
 replayed so dropout matches): the same gradients as one big batch in the memory of one chunk.
 
-Checkpoints (every epoch, every ``checkpoint_every_steps``, and on SIGTERM) hold model, loss heads, optimiser,
-scaler, RNG states and the sampler position; ``resume`` continues to the same final weights as an uninterrupted
+Checkpoints (every epoch, every ``checkpoint_every_steps``, and on SIGTERM; written and read by
+:mod:`tbps_compress.engine.checkpoint`) hold model, loss heads, optimiser, scaler, RNG states and the sampler
+position; ``resume`` continues to the same final weights as an uninterrupted
 run on CPU. The best epoch on the validation split is kept; the test split is evaluated once at the end.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
+import dataclasses
 import io
 import json
 import logging
@@ -24,8 +25,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
 
 from .. import distributed as dist
-from ..artifacts import METRICS, RECIPE, check_output_dir, write_artifact, write_json
+from ..artifacts import METRICS, RECIPE, write_artifact, write_json
 from ..config import dump_recipe
 from ..data.loader import CaptionNeighbours, EpochBatchSampler, ImageStore, TrainSet
 from ..data.records import TBPSDataset, remap_ids
 from ..data.splits import Splits, build_splits
 from ..devices import resolve_device
-from ..errors import CheckpointError, ConfigError, UserError
+from ..errors import ConfigError, UserError
 from ..losses import LossInputs, LossSet, make_modules
 from ..models.config import image_size_hw
 from ..models.factory import config_from_model, count_parameters, set_text_attn_dropout
@@ -49,12 +50,25 @@ from ..models.io import save_model
 from ..models.tokenizer import model_tokenizer
 from ..recipes import TrainRecipe
 from ..retrieval.encoders import Split, TorchEncoder, evaluate
+from .checkpoint import (
+    CKPT_NAME,
+    TrainState,
+    check_checkpoint_fits,
+    check_run_folders,
+    read_checkpoint,
+    recipe_hash,
+    rng_state,
+    set_rng_state,
+    work_dir,
+    write_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
-CKPT_NAME = "last.ckpt"
 CURVE_NAME = "curve.csv"  # learning curve (eval.curve_every_steps), copied into the artifact
-DIGEST_SUFFIX = ".sha256"  # last.ckpt.sha256: the checkpoint's SHA-256 (current and previous)
+__all__ = ["CKPT_NAME", "Interrupted", "LossInputProvider", "Progress", "TrainState", "Trainer", "lr_at",
+           "param_groups", "train_views"]
+LOSS_FIELDS = frozenset(f.name for f in dataclasses.fields(LossInputs))
 
 
 class Interrupted(UserError):
@@ -99,30 +113,6 @@ def lr_at(step: int, total: int, per_epoch: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        st["cuda"] = torch.cuda.get_rng_state(device)
-    return st
-
-
-def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(_as_tuple(st["python"]))
-    if device.type == "cuda" and "cuda" in st:
-        torch.cuda.set_rng_state(st["cuda"], device)
-
-
-def _as_tuple(x: Any) -> Any:
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def recipe_hash(recipe: TrainRecipe) -> str:
-    data = recipe.model_dump(mode="json")
-    data.pop("output", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def train_views(needs) -> tuple[str, ...]:
     """The image views a training sample carries for losses with these ``needs``."""
     views = ["image"]
@@ -133,38 +123,52 @@ def train_views(needs) -> tuple[str, ...]:
     return tuple(views)
 
 
-@dataclass
-class TeacherSpec:
-    """A frozen teacher for distillation: the model and, optionally, cached embeddings per sample index."""
+class LossInputProvider:
+    """The trainer's extension point: something that adds fields to the loss inputs of every step.
 
-    model: nn.Module
-    artifact: Path
-    # {"text": (N, D)} per caption sample, or an object with ``lookup(epoch, index) -> {"text"?, "image"?}``
-    # (compress.distill.TeacherCache: keyed by (epoch, sample index)); missing entries are computed online.
-    cache: Any = None
-    hidden: bool = False
-    # Maps the student's inputs {"image", "text"} to the teacher's (vocabulary map, context length, image size).
-    adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    A provider is set up once the trainer's device, data, losses and model are ready, may contribute keyword
+    arguments for the loss heads (:func:`tbps_compress.losses.make_modules`), gives per batch fields of
+    :class:`~tbps_compress.losses.LossInputs` computed before the student's forward pass, and may hook that pass
+    (with gradient) to fill more fields. Every method has a do-nothing default; the trainer calls them in this
+    order: :meth:`setup`, :meth:`loss_module_args`, then per step :meth:`batch_inputs` and :meth:`hook_student`.
+    """
 
+    #: What :meth:`hook_student` captures, for messages (``None``: it registers no hooks). Gradient caching
+    #: (``optim.grad_cache_chunk``) re-runs the forward pass in chunks and refuses providers that capture.
+    student_capture: str | None = None
 
-@dataclass
-class TrainState:
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    best: dict[str, Any] = field(default_factory=dict)
-    elapsed_s: float = 0.0
+    def setup(self, trainer: Trainer) -> None:
+        """Called by :meth:`Trainer.prepare` after the model is on its device and before the loss heads are built.
+        Runs with the random state saved and restored, so a provider never shifts the training's random draws."""
+
+    def loss_module_args(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`tbps_compress.losses.make_modules` (after :meth:`setup`)."""
+        return {}
+
+    def batch_inputs(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, Any]:
+        """Fields of :class:`~tbps_compress.losses.LossInputs` for one local batch (on the device) of ``epoch``,
+        computed before the student's forward pass."""
+        return {}
+
+    def hook_student(self, model: nn.Module, fields: dict[str, Any]) -> list[RemovableHandle]:
+        """Forward hooks on the student for its forward pass with gradient; they write loss-input fields into
+        ``fields``. The trainer removes them after the pass."""
+        return []
 
 
 class Trainer:
-    """Trains ``model`` (or the recipe's model) on the recipe's data and writes an artifact folder."""
+    """Trains ``model`` (or the recipe's model) on the recipe's data and writes an artifact folder.
+
+    ``model`` is a module, a function building it from the prepared trainer (called once the data is loaded, with
+    the random state saved and restored), or ``None`` for the recipe's ``model`` section. ``providers`` add fields
+    to the loss inputs of every step (:class:`LossInputProvider`)."""
 
     def __init__(
         self,
         recipe: TrainRecipe,
         *,
-        model: nn.Module | None = None,
-        teacher: TeacherSpec | None = None,
+        model: nn.Module | Callable[[Trainer], nn.Module] | None = None,
+        providers: Sequence[LossInputProvider] = (),
         stage: str = "train",
         parent: Path | None = None,
         progress: Progress | None = None,
@@ -174,7 +178,7 @@ class Trainer:
         self.recipe = recipe
         self.stage = stage
         self.parent = parent
-        self.teacher = teacher
+        self.providers = list(providers)
         self.progress = progress or Progress()
         self.extra_files = extra_files
         self._model_in = model
@@ -202,8 +206,11 @@ class Trainer:
         from ..models.io import import_checkpoint, load_model
 
         r = self.recipe
-        if self._model_in is not None:
+        if isinstance(self._model_in, nn.Module):
             return self._model_in
+        if self._model_in is not None:
+            with self._rng_kept():
+                return self._model_in(self)
         if r.model.init_artifact:
             return load_model(Path(r.model.init_artifact))
         from ..models.config import get_model_config
@@ -217,11 +224,25 @@ class Trainer:
     def _views(self) -> tuple[str, ...]:
         return train_views(self.losses.needs)
 
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The image views of a training sample (see :func:`train_views`)."""
+        return self._views()
+
+    @contextlib.contextmanager
+    def _rng_kept(self):
+        """Run a block (a model factory, a provider's set-up) without moving the training's random streams."""
+        saved = rng_state(self.device)
+        try:
+            yield
+        finally:
+            set_rng_state(saved, self.device)
+
     # ----------------------------------------------------------------------------------------------- run
     def run(self, *, resume: bool = False, force: bool = False) -> Path:
         r = self.recipe
         out = Path(r.output)
-        work = out.parent / f"{out.name}.ckpt"
+        work = work_dir(out)
         started_dist = dist.setup_from_env()
         deterministic = (torch.are_deterministic_algorithms_enabled(),
                          torch.is_deterministic_algorithms_warn_only_enabled())
@@ -231,15 +252,7 @@ class Trainer:
                     f"optim.batch_size: {r.optim.batch_size} is smaller than the number of processes "
                     f"({dist.world_size()}); use at least one sample per process"
                 )
-            if not resume:
-                check_output_dir(out, force)
-                if (work / CKPT_NAME).exists() and not force:
-                    raise UserError(f"{work}: a checkpoint of an earlier run exists; pass --resume to continue it "
-                                    "or --force to start over")
-            elif out.exists() and (out / "lineage.json").exists() and not force:
-                raise UserError(f"{out}: this run already finished; nothing to resume (use --force to retrain)")
-            elif not (work / CKPT_NAME).exists():  # say so before loading data and building the model
-                raise UserError(f"{work / CKPT_NAME}: no checkpoint to resume from; start without --resume")
+            check_run_folders(out, work, resume=resume, force=force)
             return self._run(out, work, resume, force)
         finally:
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # as the caller had it
@@ -247,9 +260,10 @@ class Trainer:
                 dist.cleanup()
 
     def prepare(self) -> None:
-        """Set up everything the training loop needs, touching no files: device, seeds, losses, data, model, loss
-        heads, tokenizer, ``trainset`` / ``sampler`` / ``loader``, optimiser, precision and the validation images.
-        :meth:`run` calls it; tools and tests call it to drive :meth:`step` directly."""
+        """Set up everything the training loop needs, touching no files: device, seeds, losses, data, model, steps,
+        precision, the loss-input providers, loss heads, tokenizer, ``trainset`` / ``sampler`` / ``loader``,
+        optimiser and the validation images. :meth:`run` calls it; tools and tests call it to drive :meth:`step`
+        directly."""
         r = self.recipe
         self.device = device = resolve_device(r.device)
         if device.type == "cuda":
@@ -277,26 +291,27 @@ class Trainer:
             with torch.no_grad():
                 model.logit_scale.fill_(math.log(1.0 / r.tricks.temperature))
         model.logit_scale.requires_grad_(r.tricks.learn_temperature)
-        teacher_dim = None
-        if self.teacher is not None:
-            self.teacher.model.to(device).eval().requires_grad_(False)
-            teacher_dim = int(self.teacher.model.visual.proj.shape[1])
-        embed_dim = int(model.visual.proj.shape[1])
-        self.heads = make_modules(self.losses, embed_dim, len(self.labels), teacher_dim,
-                                  hidden_widths=self._hidden_widths()).to(device)
-        self.tokenizer = model_tokenizer(model)
-        size = image_size_hw(cfg)
         rank, world = dist.rank(), dist.world_size()
-        ds = self.dataset
-        train_imgs = ImageStore([ds.image_path(x) for x in self.train_records], size, cache=r.data.cache_images)
-        self.trainset = TrainSet(self.train_records, train_imgs, self.labels, self.tokenizer, r.augment,
-                                 views=self._views(), seed=r.seed, clean=self.clean)
         b = r.optim.batch_size
         per_epoch = self.per_epoch = self.splits.steps_per_epoch(b, world)
         total = per_epoch * r.optim.epochs
         if r.optim.max_steps:
             total = min(total, r.optim.max_steps)
         self.total_steps = total
+        self.amp_dtype = self._amp_dtype()
+        module_args: dict[str, Any] = {}
+        for provider in self.providers:
+            with self._rng_kept():
+                provider.setup(self)
+            module_args.update(provider.loss_module_args())
+        embed_dim = int(model.visual.proj.shape[1])
+        self.heads = make_modules(self.losses, embed_dim, len(self.labels), **module_args).to(device)
+        self.tokenizer = model_tokenizer(model)
+        size = image_size_hw(cfg)
+        ds = self.dataset
+        train_imgs = ImageStore([ds.image_path(x) for x in self.train_records], size, cache=r.data.cache_images)
+        self.trainset = TrainSet(self.train_records, train_imgs, self.labels, self.tokenizer, r.augment,
+                                 views=self._views(), seed=r.seed, clean=self.clean)
         neighbours = None
         if r.data.hard_batches > 0:
             pairs = self.trainset.pairs
@@ -309,7 +324,6 @@ class Trainer:
         named = list(model.named_parameters()) + [(f"heads.{n}", p) for n, p in self.heads.named_parameters()]
         self.optimizer = torch.optim.AdamW(param_groups(named, r.optim.weight_decay), lr=r.optim.lr,
                                            betas=r.optim.betas, eps=r.optim.eps)
-        self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.val_store = ImageStore([ds.image_path(x) for x in self.val_records], size, cache=r.data.cache_images)
         self.sampler, self.loader = sampler, loader
@@ -444,16 +458,20 @@ class Trainer:
             return torch.float16
         return torch.bfloat16
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of the recipe's ``optim.precision`` (nothing on CPU or with fp32)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def _embed(self, batch: dict[str, torch.Tensor], hidden: bool = False) -> dict[str, torch.Tensor]:
+    def _embed(self, batch: dict[str, torch.Tensor],
+               capture: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The student's embeddings of the batch's views; with ``capture``, the providers' student hooks are on
+        during the pass and write their loss-input fields into it."""
         m = self.model
-        hooks, captured = self._hidden_hooks(m, "student") if hidden else ([], {})
+        hooks = [h for p in self.providers for h in p.hook_student(m, capture)] if capture is not None else []
         try:
-            with self._autocast():
+            with self.autocast():
                 out = {"image": F.normalize(m.encode_image(batch["image"]).float(), dim=-1),
                        "text": F.normalize(m.encode_text(batch["text"]).float(), dim=-1)}
                 if "image_mvs" in batch:
@@ -464,69 +482,11 @@ class Trainer:
         finally:
             for h in hooks:
                 h.remove()
-        for k, v in captured.items():
-            out[f"hidden:{k}"] = v.float()
         return out
 
-    def _hidden_hooks(self, model: nn.Module, who: str) -> tuple[list, dict[str, torch.Tensor]]:
-        from ..models.factory import tower_blocks
-
-        captured: dict[str, torch.Tensor] = {}
-        hooks = []
-        for tower in ("vision", "text"):
-            blk = tower_blocks(model, tower)[-1]
-
-            def hook(_m, _i, o, name=f"{tower}.last"):
-                captured[name] = o
-
-            hooks.append(blk.register_forward_hook(hook))
-        return hooks, captured
-
-    def _hidden_widths(self) -> dict[str, tuple[int, int]] | None:
-        if self.teacher is None or "kd_hidden" not in self.losses:
-            return None
-        s, t = self._model_widths(self.model), self._model_widths(self.teacher.model)
-        return {k: (s[k], t[k]) for k in s}
-
-    @staticmethod
-    def _model_widths(m: nn.Module) -> dict[str, int]:
-        return {"vision.last": int(m.visual.conv1.out_channels), "text.last": int(m.token_embedding.embedding_dim)}
-
-    @torch.no_grad()
-    def _teacher_outputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        t = self.teacher
-        if t is None:
-            return {}
-        out: dict[str, torch.Tensor] = {}
-        if t.cache is not None and "index" in batch:
-            idx = batch["index"].cpu()
-            if hasattr(t.cache, "lookup"):
-                hit = t.cache.lookup(self.trainset.epoch, idx)
-            else:
-                hit = {"text": t.cache["text"][idx]}
-            for k, v in hit.items():
-                out[f"teacher_{k}"] = v.to(self.device).float()
-        if "teacher_image" in out and "teacher_text" in out and not t.hidden:
-            return out
-        inputs = {"image": batch["image"], "text": batch.get("teacher_text_tokens", batch["text"])}
-        if t.adapt is not None:
-            inputs = t.adapt(inputs)
-        hooks, captured = self._hidden_hooks(t.model, "teacher") if t.hidden else ([], {})
-        try:
-            with self._autocast():
-                if "teacher_image" not in out or t.hidden:
-                    out["teacher_image"] = F.normalize(t.model.encode_image(inputs["image"]).float(), dim=-1)
-                if "teacher_text" not in out or t.hidden:
-                    out["teacher_text"] = F.normalize(t.model.encode_text(inputs["text"]).float(), dim=-1)
-        finally:
-            for h in hooks:
-                h.remove()
-        for k, v in captured.items():
-            out[f"teacher_hidden:{k}"] = v.float()
-        return out
-
-    def _loss(self, emb: dict[str, torch.Tensor], pids: torch.Tensor, teach: dict[str, torch.Tensor],
+    def _loss(self, emb: dict[str, torch.Tensor], pids: torch.Tensor, fields: dict[str, Any],
               progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted losses of the student's embeddings ``emb`` plus the providers' loss-input ``fields``."""
         glob = self.recipe.tricks.global_gradients
 
         def gather(x: torch.Tensor) -> torch.Tensor:
@@ -550,16 +510,10 @@ class Trainer:
             inputs.all_image_mvs = gather(emb["image_mvs"])
         if "ssl_a" in emb:
             inputs.ssl_a, inputs.ssl_b = emb["ssl_a"], emb["ssl_b"]
-        if teach:
-            inputs.teacher_image = teach["teacher_image"]
-            inputs.teacher_text = teach["teacher_text"]
-            if dist.world_size() > 1:
-                inputs.all_teacher_image = dist.all_gather_nograd(teach["teacher_image"])
-                inputs.all_teacher_text = dist.all_gather_nograd(teach["teacher_text"])
-            hid = {k.split(":", 1)[1]: v for k, v in emb.items() if k.startswith("hidden:")}
-            thid = {k.split(":", 1)[1]: v for k, v in teach.items() if k.startswith("teacher_hidden:")}
-            if hid:
-                inputs.student_hidden, inputs.teacher_hidden = hid, thid
+        for name, value in fields.items():
+            if name not in LOSS_FIELDS:
+                raise TypeError(f"a loss input provider gave {name!r}, which is not a field of LossInputs")
+            setattr(inputs, name, value)
         return self.losses(inputs)
 
     def step(self, batch: dict[str, torch.Tensor], progress: float) -> dict[str, float]:
@@ -567,19 +521,21 @@ class Trainer:
         dev = self.device
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         pids = batch["pid"]
-        hidden = self.teacher is not None and self.teacher.hidden
-        teach = self._teacher_outputs(batch)
+        fields: dict[str, Any] = {}
+        for provider in self.providers:
+            fields.update(provider.batch_inputs(batch, self.trainset.epoch))
         chunk = self.recipe.optim.grad_cache_chunk
         self.optimizer.zero_grad(set_to_none=True)
         n = pids.shape[0]
         if chunk is None or chunk >= n:
-            emb = self._embed(batch, hidden=hidden)
-            loss, terms = self._loss(emb, pids, teach, progress)
+            emb = self._embed(batch, capture=fields)
+            loss, terms = self._loss(emb, pids, fields, progress)
             self.scaler.scale(loss).backward()
         else:
-            if hidden:
-                raise ConfigError("optim.grad_cache_chunk cannot be combined with the kd_hidden loss")
-            loss, terms = self._cached_backward(batch, pids, teach, progress, chunk)
+            for provider in self.providers:
+                if provider.student_capture:
+                    raise ConfigError(f"optim.grad_cache_chunk cannot be combined with {provider.student_capture}")
+            loss, terms = self._cached_backward(batch, pids, fields, progress, chunk)
         self._reduce_grads()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -589,25 +545,25 @@ class Trainer:
         out["loss"] = float(loss.detach())
         return out
 
-    def _cached_backward(self, batch, pids, teach, progress, chunk):
+    def _cached_backward(self, batch, pids, fields, progress, chunk):
         keys = [k for k in ("image", "text", "image_mvs", "ssl_a", "ssl_b") if k in batch]
         n = pids.shape[0]
         slices = [slice(s, min(n, s + chunk)) for s in range(0, n, chunk)]
         states, parts = [], []
         with torch.no_grad():
             for sl in slices:
-                states.append(_rng_state(self.device))
+                states.append(rng_state(self.device))
                 parts.append(self._embed({k: batch[k][sl] for k in keys}))
         cached = {k: torch.cat([p[k] for p in parts]).detach().requires_grad_(True) for k in parts[0]}
-        loss, terms = self._loss(cached, pids, teach, progress)
+        loss, terms = self._loss(cached, pids, fields, progress)
         self.scaler.scale(loss).backward()
-        end_state = _rng_state(self.device)
+        end_state = rng_state(self.device)
         for sl, st in zip(slices, states, strict=True):
-            _set_rng_state(st, self.device)
+            set_rng_state(st, self.device)
             emb = self._embed({k: batch[k][sl] for k in keys})
             surrogate = sum((emb[k] * cached[k].grad[sl]).sum() for k in emb)
             surrogate.backward()
-        _set_rng_state(end_state, self.device)
+        set_rng_state(end_state, self.device)
         return loss, terms
 
     def _reduce_grads(self) -> None:
@@ -636,83 +592,31 @@ class Trainer:
             "heads": {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "state": {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch,
-                      "global_step": state.global_step, "best": state.best, "elapsed_s": state.elapsed_s},
-            "rng": _rng_state(self.device),
+            "state": state.as_dict(),
+            "rng": rng_state(self.device),
             "best_state": best_state,
             "model_config": json.dumps(self.model.tbps_config, sort_keys=True),
             "recipe_hash": recipe_hash(self.recipe),
         }
 
     def _save_checkpoint(self, path: Path, state: TrainState, best_state) -> None:
-        """Write ``path`` atomically (temporary file, then rename) with its SHA-256 in ``path.sha256``. The digest
-        file is replaced first and accepts the new and the previous digest, so a kill between the two renames
-        leaves a consistent pair; a checkpoint changed after writing is refused by :meth:`_load_checkpoint`."""
-        if not dist.is_main():
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        digest_path = path.with_name(path.name + DIGEST_SUFFIX)
-        digest_tmp = digest_path.with_name(digest_path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as f:  # a file object: a full disk raises OSError (a path gives a RuntimeError)
-                hashing = _HashingWriter(f)
-                torch.save(self._checkpoint_payload(state, best_state), hashing)
-            previous = _accepted_digests(digest_path)[:1]
-            digest_tmp.write_text(json.dumps({"sha256": [hashing.hexdigest(), *previous]}) + "\n")
-            os.replace(digest_tmp, digest_path)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as exc:
-            tmp.unlink(missing_ok=True)
-            digest_tmp.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and exc.strerror:
-                reason = exc.strerror
-            else:  # torch's zip writer reports a short write (a full disk) as a RuntimeError
-                reason = f"the write failed, is the disk full? {' '.join(str(exc).split())}"
-            raise UserError(f"{path}: cannot write checkpoint ({reason}); the previous checkpoint "
-                            "is kept; free space or fix permissions, then --resume") from exc
+        """Write the training checkpoint (main process only; see :func:`checkpoint.write_checkpoint`)."""
+        if dist.is_main():
+            write_checkpoint(path, self._checkpoint_payload(state, best_state))
 
     def _load_checkpoint(self, path: Path) -> tuple[TrainState, dict | None]:
-        import pickle
-
-        from ..artifacts import sha256_file
-
-        if not path.exists():
-            raise UserError(f"{path}: no checkpoint to resume from; start without --resume")
-        digest_path = path.with_name(path.name + DIGEST_SUFFIX)
-        accepted = _accepted_digests(digest_path)
-        if not accepted:
-            log.warning("%s: no readable %s; the checkpoint's integrity is not checked", path, digest_path.name)
-        elif sha256_file(path) not in accepted:
-            raise CheckpointError(f"{path}: content does not match the hash in {digest_path.name} (changed or "
-                                  "corrupted after writing); restore it or start over with --force")
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            from ..models.io import unpickling_reason
-
-            raise CheckpointError(f"{path}: refused: the file holds pickled objects other than tensors and plain "
-                                  f"data (possibly code: {unpickling_reason(exc)}); start over with --force") from exc
-        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a user-facing error
-            raise CheckpointError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0]}); "
-                                  "start over with --force") from exc
-        if not isinstance(ck, dict) or not {"model", "heads", "optimizer", "scaler", "rng", "state"} <= set(ck):
-            raise CheckpointError(f"{path}: not a training checkpoint of this tool (keys missing); "
-                                  "start over with --force")
-        mine = json.dumps(self.model.tbps_config, sort_keys=True)
-        if ck.get("model_config") != mine:
-            what = getattr(self.recipe.model, "config", f"of this {self.stage} recipe")
-            raise CheckpointError(f"{path}: checkpoint is for another architecture than model "
-                                  f"'{what}'; use the recipe it was written with or --force")
-        if ck.get("recipe_hash") != recipe_hash(self.recipe):
-            log.warning("%s: the recipe changed since this checkpoint was written; resuming anyway", path)
+        """Restore model, heads, optimiser, scaler and random state from ``path``; the loop position and the best
+        weights so far."""
+        ck = read_checkpoint(path)
+        check_checkpoint_fits(ck, path, model_config=json.dumps(self.model.tbps_config, sort_keys=True),
+                              recipe_digest=recipe_hash(self.recipe),
+                              model_name=getattr(self.recipe.model, "config", f"of this {self.stage} recipe"))
         self.model.load_state_dict(ck["model"])
         self.heads.load_state_dict(ck["heads"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(ck["rng"], self.device)
-        s = ck["state"]
-        state = TrainState(epoch=s["epoch"], step_in_epoch=s["step_in_epoch"], global_step=s["global_step"],
-                           best=s["best"], elapsed_s=s.get("elapsed_s", 0.0))
+        set_rng_state(ck["rng"], self.device)
+        state = TrainState.from_dict(ck["state"])
         log.info("resumed from %s at epoch %d step %d", path, state.epoch, state.global_step)
         return state, ck.get("best_state")
 
@@ -767,34 +671,6 @@ class Trainer:
     def _restore_signal_handlers(old) -> None:
         for sig, h in old.items():
             signal.signal(sig, h)
-
-
-class _HashingWriter:
-    """A write-only file wrapper that hashes what passes through (for ``torch.save``)."""
-
-    def __init__(self, f) -> None:
-        self._f = f
-        self._h = hashlib.sha256()
-
-    def write(self, data) -> int:
-        self._h.update(data)
-        return self._f.write(data)
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-
-def _accepted_digests(path: Path) -> list[str]:
-    """Digests a checkpoint may have (newest first) from its ``.sha256`` file; empty when missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-    digests = data.get("sha256") if isinstance(data, dict) else None
-    return [d for d in digests if isinstance(d, str)] if isinstance(digests, list) else []
 
 
 class _CsvLog:

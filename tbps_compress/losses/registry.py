@@ -265,7 +265,7 @@ def make_modules(
     spec: Mapping[str, Mapping[str, Any] | None] | LossSet,
     embed_dim: int,
     num_classes: int,
-    teacher_dim: int | None,
+    teacher_dim: int | None = None,
     hidden_widths: Mapping[str, tuple[int, int]] | None = None,
 ) -> nn.ModuleDict:
     """Build the trainable heads the losses in ``spec`` need.
