@@ -40,6 +40,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tbps_compress.models.meta import meta_of
+
 BASELINE = Path(__file__).resolve().parent / "ci_baseline.json"
 TEACHER, STUDENT = "synth-teacher", "synth-student"
 IMAGE_BATCH, TEXT_BATCH = 32, 1
@@ -154,9 +156,9 @@ def build_candidates(work: Path, threads: int) -> dict[str, dict[str, Callable[[
     gen = torch.Generator().manual_seed(0)
     for role in ("teacher", "student"):
         m = models[role]
-        h, w = image_size_hw(m.tbps_config)
+        h, w = image_size_hw(meta_of(m).config)
         images = torch.randn(IMAGE_BATCH, 3, h, w, generator=gen)
-        tokens = get_tokenizer(m.tbps_config)([CAPTION] * TEXT_BATCH)
+        tokens = get_tokenizer(meta_of(m).config)([CAPTION] * TEXT_BATCH)
 
         def run_image(m: Any = m, x: Any = images) -> Any:
             with torch.inference_mode():
@@ -168,7 +170,7 @@ def build_candidates(work: Path, threads: int) -> dict[str, dict[str, Callable[[
 
         fns["image"][f"{role}_pt"] = run_image
         fns["text"][f"{role}_pt"] = run_text
-    h, w = image_size_hw(models["student"].tbps_config)
+    h, w = image_size_hw(meta_of(models["student"]).config)
     images_np = np.random.default_rng(0).standard_normal((IMAGE_BATCH, 3, h, w), dtype=np.float32)
     for key, folder in (("student_ort", arts[STUDENT]["onnx"]), ("student_int8", arts[STUDENT]["int8"])):
         enc = OnnxEncoder(folder, threads=threads)

@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tbps_compress.models.meta import meta_of
+
 SETTINGS = ("width", "heads", "depth", "combined")
 DEFAULT_CRITERIA = ("magnitude", "taylor", "random")
 ACCEPT = {"removed": 0.50, "kept": 0.95, "speedup": 1.8}
@@ -87,8 +89,8 @@ def time_image_towers(teacher: Any, pruned: Any, batch: int, iters: int, warmup:
     from tbps_compress.bench.latency import interleaved
     from tbps_compress.models.config import image_size_hw
 
-    h, w = image_size_hw(teacher.tbps_config)
-    ph, pw = image_size_hw(pruned.tbps_config)
+    h, w = image_size_hw(meta_of(teacher).config)
+    ph, pw = image_size_hw(meta_of(pruned).config)
     x_t = torch.randn(batch, 3, h, w)
     x_p = x_t if (ph, pw) == (h, w) else torch.randn(batch, 3, ph, pw)
     teacher.eval()

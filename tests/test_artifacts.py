@@ -26,6 +26,7 @@ from tbps_compress.artifacts import (
 from tbps_compress.errors import ArtifactError, UserError
 from tbps_compress.models.factory import build_model
 from tbps_compress.models.io import load_model, save_model
+from tbps_compress.models.meta import meta_of
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_lineage_records_every_file_hash(tmp_path: Path, tiny_model: torch.nn.Mo
     art = open_artifact(out)
     assert art.stage == "train" and art.kind == "torch"
     assert art.metrics == {"test": {"R1": 12.5}}
-    assert art.model_config == tiny_model.tbps_config
+    assert art.model_config == meta_of(tiny_model).config
     assert _leftovers(tmp_path, "a0") == []
 
 

@@ -18,6 +18,7 @@ from tbps_compress.bench.latency import PeakMemory, interleaved, measure
 from tbps_compress.bench.report import markdown_table, pareto_front, pareto_plot, write_report
 from tbps_compress.bench.runner import ROW_FIELDS, batch_fields, parse_int_list, parse_runtimes, plan_cases, run_bench
 from tbps_compress.errors import UserError
+from tbps_compress.models.meta import meta_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = [1, 4]
@@ -405,7 +406,7 @@ def test_gpu_bench_builds_the_product_model_and_needs_cuda(benchmark_script, tmp
     gb = benchmark_script("gpu_bench")
     cfg = get_model_config("test-tiny")
     model = gb.build(cfg)
-    assert model.tbps_config["embed_dim"] == cfg["embed_dim"]
+    assert meta_of(model).config["embed_dim"] == cfg["embed_dim"]
     assert gb.caption_tokens(32, 12)[0, 11] == gb.EOT
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gb.main(["--out", str(tmp_path / "gpu")]) == 1

@@ -31,6 +31,7 @@ from tbps_compress.errors import ConfigError
 from tbps_compress.models.config import get_model_config
 from tbps_compress.models.factory import EOT_TOKEN, build_model, count_parameters, tower_blocks
 from tbps_compress.models.io import save_model
+from tbps_compress.models.meta import meta_of
 from tbps_compress.models.tokenizer import get_tokenizer
 from tbps_compress.models.vocab import prune_vocabulary
 
@@ -108,9 +109,9 @@ def _four_head_teacher() -> torch.nn.Module:
 
 def test_inheritance_of_the_full_architecture_is_exact() -> None:
     teacher = _four_head_teacher().eval()
-    student = inherit_weights(teacher, copy.deepcopy(teacher.tbps_config)).eval()
+    student = inherit_weights(teacher, copy.deepcopy(meta_of(teacher).config)).eval()
     img = torch.randn(2, 3, 64, 32)
-    tok = get_tokenizer(teacher.tbps_config)(["a man in a red coat", "a woman"])
+    tok = get_tokenizer(meta_of(teacher).config)(["a man in a red coat", "a woman"])
     with torch.no_grad():
         assert torch.allclose(student.encode_image(img), teacher.encode_image(img), atol=1e-6)
         assert torch.allclose(student.encode_text(tok), teacher.encode_text(tok), atol=1e-6)
@@ -129,7 +130,7 @@ def test_inheritance_keeps_the_most_important_heads_and_channels() -> None:
                     blk.attn.qkv.weight[part * 64 + h * 16:part * 64 + (h + 1) * 16] *= 4
                 blk.attn.proj.weight[:, h * 16:(h + 1) * 16] *= 4
             blk.mlp.c_fc.weight[strong_mlp] *= 10
-    cfg = copy.deepcopy(teacher.tbps_config)
+    cfg = copy.deepcopy(meta_of(teacher).config)
     for tower in ("vision", "text"):
         cfg[f"{tower}_blocks"] = [{"heads": 2, "head_dim": 16, "mlp_dim": 4}] * 2
     student = inherit_weights(teacher, cfg)
@@ -157,27 +158,27 @@ def test_inheritance_keeps_important_residual_channels_and_narrow_heads() -> Non
             blk.mlp.c_fc.weight[:, strong] *= 3
             blk.mlp.c_proj.weight[strong] *= 3
     assert imp.top_k(imp.residual_channel_scores(teacher, "text"), 32) == strong
-    cfg = copy.deepcopy(teacher.tbps_config)
+    cfg = copy.deepcopy(meta_of(teacher).config)
     cfg["text_cfg"]["width"] = 32  # 2 heads of 16 (teacher: 2 of 32)
     student = inherit_weights(teacher, cfg)
     assert torch.equal(student.token_embedding.weight, teacher.token_embedding.weight[:, strong])
     assert tower_blocks(student, "text")[0].attn.head_dim == 16
     student.eval()
     with torch.no_grad():
-        student.encode_text(get_tokenizer(student.tbps_config)(["a person"]))
+        student.encode_text(get_tokenizer(meta_of(student).config)(["a person"]))
 
 
 def test_student_wider_than_teacher_is_refused() -> None:
     teacher = build_model("test-tiny")
-    cfg = copy.deepcopy(teacher.tbps_config)
+    cfg = copy.deepcopy(meta_of(teacher).config)
     cfg["vision_cfg"]["width"] = 128
     with pytest.raises(InheritanceError, match=r"vision_cfg.width: 128 is larger than the teacher's 64"):
         inherit_weights(teacher, cfg, teacher_name="runs/t")
-    cfg = copy.deepcopy(teacher.tbps_config)
+    cfg = copy.deepcopy(meta_of(teacher).config)
     cfg["text_blocks"] = [{"heads": 4, "head_dim": 16, "mlp_dim": 64}] * 2
     with pytest.raises(InheritanceError, match="heads: 4 is larger"):
         inherit_weights(teacher, cfg)
-    cfg = copy.deepcopy(teacher.tbps_config)
+    cfg = copy.deepcopy(meta_of(teacher).config)
     cfg["text_cfg"]["layers"] = 3
     with pytest.raises(InheritanceError, match="text_cfg.layers"):
         inherit_weights(teacher, cfg)
@@ -188,10 +189,10 @@ def test_layer_selection() -> None:
     assert imp.uniform_layers(12, 4) == [0, 4, 7, 11]
     assert imp.uniform_layers(4, 4) == [0, 1, 2, 3]
     teacher = build_model("test-tiny")
-    tok = get_tokenizer(teacher.tbps_config)(["a man", "a woman in red"])
+    tok = get_tokenizer(meta_of(teacher).config)(["a man", "a woman in red"])
     scores = imp.layer_scores(teacher, torch.randn(2, 3, 64, 32), tok)
     assert scores["vision"].shape == (2,) and scores["text"].shape == (2,) and (scores["text"] > 0).all()
-    cfg = copy.deepcopy(teacher.tbps_config)
+    cfg = copy.deepcopy(meta_of(teacher).config)
     cfg["vision_cfg"]["layers"] = 1
     scores["vision"] = torch.tensor([0.1, 0.9])
     student = inherit_weights(teacher, cfg, layer_selection="importance", layer_scores=scores)
@@ -207,17 +208,17 @@ def test_vocabulary_pruning_keeps_outputs_and_saves_parameters() -> None:
 
     torch.manual_seed(0)
     model = build_model("test-tiny").eval()
-    tok = get_tokenizer(model.tbps_config)
+    tok = get_tokenizer(meta_of(model).config)
     train = ["a man in a red coat and black trousers", "a woman carrying a white bag", "a red bag"]
     before = count_parameters(model)
     with torch.no_grad():
         ref = model.encode_text(tok(train))
     _, vm, unk = prune_vocabulary(model, train, tok)
     after = count_parameters(model)
-    assert model.token_embedding.num_embeddings == len(vm) + 1 == model.tbps_config["text_cfg"]["vocab_size"]
+    assert model.token_embedding.num_embeddings == len(vm) + 1 == meta_of(model).config["text_cfg"]["vocab_size"]
     assert after["total"] < before["total"] - 49000 * 64
     assert vm[EOT_TOKEN] == max(max(vm.values()), unk)
-    new_tok = get_tokenizer(model.tbps_config, vm, unk)
+    new_tok = get_tokenizer(meta_of(model).config, vm, unk)
     with torch.no_grad():
         assert torch.allclose(model.encode_text(new_tok(train)), ref, atol=1e-6)
         model.encode_text(new_tok(["a zebra"]))  # unseen token -> unk, no error
@@ -226,7 +227,7 @@ def test_vocabulary_pruning_keeps_outputs_and_saves_parameters() -> None:
     assert (torch.from_numpy(rt(train + ["zebra"])) == ids).all()
     assert unk in ids[-1].tolist()
     # the teacher (full vocabulary, longer context) gets back its own token ids
-    teacher_cfg = copy.deepcopy(model.tbps_config)
+    teacher_cfg = copy.deepcopy(meta_of(model).config)
     teacher_cfg["text_cfg"].update(vocab_size=49408, context_length=40)
     teacher = build_model(teacher_cfg)
     adapt = teacher_adapter(model, teacher)
@@ -276,7 +277,7 @@ def test_teacher_cache_matches_online_and_refuses_another_teacher(tiny_dataset: 
                                 epochs=2, device=torch.device("cpu"), batch_size=4)
     assert cache.text.shape[:2] == (2, 12) and cache.image.shape[:2] == (2, 12)
     # the cache holds exactly what the teacher computes online for the training sample (epoch, index)
-    tok = get_tokenizer(teacher.tbps_config)
+    tok = get_tokenizer(meta_of(teacher).config)
     ts = TrainSet(recs, ImageStore(paths, (64, 32)), remap_ids(recs), tok, recipe.augment, seed=recipe.seed,
                   clean=clean_caption)
     ts.epoch = 1

@@ -17,6 +17,7 @@ from tbps_compress.models.attention import PrunableAttention
 from tbps_compress.models.config import get_model_config, image_size_hw, list_models, validate_model_config
 from tbps_compress.models.factory import build_model, config_from_model, count_parameters, tower_blocks
 from tbps_compress.models.io import import_checkpoint, load_model, read_checkpoint, save_model
+from tbps_compress.models.meta import meta_of
 from tbps_compress.models.tokenizer import get_tokenizer
 
 VIT_B = {"tbps-vit-b-16", "tbps-vit-b-16-224"}
@@ -114,7 +115,7 @@ def test_prunable_attention_matches_open_clip_mha(train_mode: bool) -> None:
 def test_text_tower_is_causal() -> None:
     """Changing a token after the end-of-text token must not change the text embedding (causal mask kept)."""
     model = build_model("test-tiny").eval()
-    cfg = model.tbps_config
+    cfg = meta_of(model).config
     tokens = get_tokenizer(cfg)(["a person in a blue shirt"])
     eot = int(tokens.argmax(dim=-1))
     other = tokens.clone()
@@ -303,7 +304,7 @@ def test_import_tiny_state_dict_with_wrappers(tmp_path: Path) -> None:
     path = tmp_path / "ddp.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "epoch": 3}, path)
     model = import_checkpoint(path, get_model_config("test-tiny")).eval()
-    images, text = _inputs(model.tbps_config)
+    images, text = _inputs(meta_of(model).config)
     with torch.no_grad():
         a, b = _encode(src, images, text), _encode(model, images, text)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -370,3 +371,30 @@ def test_pickle_payload_disguised_as_torchscript_is_refused(tmp_path: Path) -> N
     with pytest.raises(CheckpointError):
         read_checkpoint(disguised)
     assert not marker.exists()
+
+
+def test_model_metadata_is_one_object(tmp_path: Path) -> None:
+    """build_model / vocabulary pruning / save + load keep config, vocabulary map and unknown id in one
+    ModelMeta on the module (``tbps_meta``), and nothing else."""
+    from torch import nn
+
+    from tbps_compress.models.factory import build_model
+    from tbps_compress.models.io import load_model, save_model
+    from tbps_compress.models.meta import ModelMeta, meta_of, set_meta
+    from tbps_compress.models.tokenizer import get_tokenizer
+    from tbps_compress.models.vocab import prune_vocabulary
+
+    model = build_model("test-tiny")
+    assert isinstance(model.tbps_meta, ModelMeta) and meta_of(model).config["embed_dim"] > 0
+    assert meta_of(model).vocab_map is None and meta_of(model).unk_id is None
+    assert not [k for k in vars(model) if k.startswith("tbps_") and k != "tbps_meta"]
+    prune_vocabulary(model, ["a man in a red coat", "a woman"], get_tokenizer(meta_of(model).config))
+    vm, unk = meta_of(model).vocab_map, meta_of(model).unk_id
+    assert vm and unk is not None and meta_of(model).config["text_cfg"]["vocab_size"] == len(vm) + 1
+    with write_artifact(tmp_path / "a", stage="test") as tmp:
+        save_model(model, tmp)
+    back = meta_of(load_model(tmp_path / "a"))
+    assert back.vocab_map == vm and back.unk_id == unk and back.config == meta_of(model).config
+    assert meta_of(nn.Linear(2, 2)) == ModelMeta()  # a module built elsewhere carries none
+    with pytest.raises(TypeError, match="unknown model metadata field"):
+        set_meta(model, tokenizer="x")

@@ -16,6 +16,8 @@ import pytest
 import test_export as shared  # tests/ is on sys.path under pytest: one tiny export per session
 from PIL import Image
 
+from tbps_compress.models.meta import meta_of
+
 pytest.importorskip("tokenizers")
 
 CLIENT = Path(__file__).with_name("outside_client.py")
@@ -123,7 +125,7 @@ def pruned_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     corpus = [clean_caption(c) for c in CAPTIONS[:4]] + ["a person in a long grey coat", "a black shoulder bag"]
-    prune_vocabulary(model, corpus, get_tokenizer(model.tbps_config))
+    prune_vocabulary(model, corpus, get_tokenizer(meta_of(model).config))
     src = base / "torch"
     with write_artifact(src, stage="train") as tmp:
         save_model(model, tmp)

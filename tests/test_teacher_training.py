@@ -19,6 +19,7 @@ from tbps_compress.export.onnx_export import export_onnx
 from tbps_compress.models.config import get_model_config, validate_model_config
 from tbps_compress.models.factory import build_model, config_from_model, count_macs
 from tbps_compress.models.io import load_model, save_model
+from tbps_compress.models.meta import meta_of
 from tbps_compress.models.stem import ConvStem
 from tbps_compress.recipes import ImageAugCfg
 
@@ -162,8 +163,8 @@ def test_vocab_prune_before_training_shrinks_the_table(make_train_recipe, tmp_pa
     tr = Trainer(make_train_recipe(tmp_path / "out", model={"config": "test-tiny", "vocab_prune": True}))
     tr.prepare()
     rows = tr.model.token_embedding.num_embeddings
-    assert rows < 500 and tr.model.tbps_config["text_cfg"]["vocab_size"] == rows
-    assert max(tr.model.tbps_vocab_map.values()) == rows - 1
+    assert rows < 500 and meta_of(tr.model).config["text_cfg"]["vocab_size"] == rows
+    assert max(meta_of(tr.model).vocab_map.values()) == rows - 1
     batch = next(iter(tr.loader))
     assert int(batch["text"].max()) == rows - 1  # EOT is the last row: argmax pooling still finds it
     n_opt = sum(p.numel() for g in tr.optimizer.param_groups for p in g["params"])

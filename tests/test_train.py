@@ -24,6 +24,7 @@ from tbps_compress.config import load_recipe
 from tbps_compress.data.loader import identity_subset
 from tbps_compress.engine.train import Interrupted, LossInputProvider, Progress, Trainer, lr_at
 from tbps_compress.errors import CheckpointError, ConfigError, UserError
+from tbps_compress.models.meta import meta_of
 from tbps_compress.recipes import TrainRecipe
 
 ALL_LOSSES = {"n_itc": {"weight": 0.5}, "mvs_i": {"weight": 0.5}, "ss_i": {"weight": 0.4}, "r_itc": {"weight": 1.0},
@@ -224,7 +225,7 @@ def test_resume_reproduces_the_uninterrupted_run(make_train_recipe, tmp_path: Pa
     with pytest.raises(UserError, match="--resume"):  # a leftover checkpoint is not silently overwritten
         Trainer(recipe_b).run()
 
-    other = json.loads(json.dumps(tr.model.tbps_config))
+    other = json.loads(json.dumps(meta_of(tr.model).config))
     other["text_cfg"]["layers"] = 1
     other_path = tmp_path / "tiny-1-text-layer.json"
     other_path.write_text(json.dumps(other))

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from ..config import Strict
 from ..errors import ConfigError, UserError
 from ..models.factory import tower_blocks
+from ..models.meta import meta_of, set_meta
 from ..models.vocab import prune_vocabulary, vocabulary_captions
 from ..recipes import ModelCfg, TrainRecipe
 from . import importance as imp
@@ -389,7 +390,7 @@ def inherit_weights(
     from ..models.factory import build_model, config_from_model
     from ..models.io import load_state_dict_checked
 
-    t_cfg = getattr(teacher, "tbps_config", None) or config_from_model(teacher)
+    t_cfg = meta_of(teacher).config or config_from_model(teacher)
     s_cfg = validate_model_config(student_cfg, source="student")
     vocab = int(teacher.token_embedding.num_embeddings)
     if s_cfg["text_cfg"]["vocab_size"] != vocab:
@@ -435,11 +436,11 @@ def inherit_weights(
     student = build_model(s_cfg)
     load_state_dict_checked(student, {k: v.detach().clone().float() for k, v in state.items()},
                             source=f"inheritance from {teacher_name}")
-    vm = getattr(teacher, "tbps_vocab_map", None)
+    vm = meta_of(teacher).vocab_map
     if vm:
-        student.tbps_vocab_map = dict(vm)
-        student.tbps_unk_id = getattr(teacher, "tbps_unk_id", None)
-    student.tbps_config = config_from_model(student, s_cfg)
+        set_meta(student, vocab_map=dict(vm))
+        set_meta(student, unk_id=meta_of(teacher).unk_id)
+    set_meta(student, config=config_from_model(student, s_cfg))
     log.info("inherited %s from %s: vision layers %s, text layers %s", s_cfg.get("name"), teacher_name,
              plan.layers["vision"], plan.layers["text"])
     return student
@@ -580,8 +581,8 @@ def build_teacher_cache(
     key = cache_key(recipe, records, views, image_size)
     has_bt = any(r.captions_bt for r in records)
     img_inv, txt_inv = _augment_invariant(recipe.augment, has_bt)
-    tok = get_tokenizer(teacher.tbps_config, getattr(teacher, "tbps_vocab_map", None) or None,
-                        getattr(teacher, "tbps_unk_id", None))
+    tok = get_tokenizer(meta_of(teacher).config, meta_of(teacher).vocab_map or None,
+                        meta_of(teacher).unk_id)
     store = ImageStore(list(image_paths), image_size, cache=recipe.data.cache_images)
     set_views = ("image", "image_mvs") if "image_mvs" in views else ("image",)
     ds = TrainSet(records, store, remap_ids(records), tok, recipe.augment, views=set_views, seed=recipe.seed,
@@ -646,10 +647,10 @@ def _importance_batch(teacher: nn.Module, ds: Any, records: Sequence[Any], n: in
     from ..runtime.tokenizer import clean_caption
 
     recs = list(records)[:n]
-    size = image_size_hw(teacher.tbps_config)
+    size = image_size_hw(meta_of(teacher).config)
     images = normalize_pixels(torch.stack([load_image_resized(ds.image_path(r), size) for r in recs]))
-    tok = get_tokenizer(teacher.tbps_config, getattr(teacher, "tbps_vocab_map", None) or None,
-                        getattr(teacher, "tbps_unk_id", None))
+    tok = get_tokenizer(meta_of(teacher).config, meta_of(teacher).vocab_map or None,
+                        meta_of(teacher).unk_id)
     return images, tok([clean_caption(r.captions[0]) for r in recs])
 
 
@@ -669,13 +670,13 @@ def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_reco
     from ..models.io import load_model
 
     st = recipe.student
-    t_cfg = teacher.tbps_config
+    t_cfg = meta_of(teacher).config
     if st.init == "artifact":
         src = Path(st.init_artifact or "")
         model = load_model(src)
         if st.config is not None or st.inline is not None:
             want = student_config(st, t_cfg)
-            mine = dict(model.tbps_config)
+            mine = dict(meta_of(model).config)
             mine["text_cfg"] = {**mine["text_cfg"], "vocab_size": want["text_cfg"]["vocab_size"]}
             if _architecture(want) != _architecture(mine):
                 raise ConfigError(f"student.init_artifact {src}: its architecture differs from student.config / "
@@ -718,13 +719,13 @@ class DistillTeacher(Teacher):
         assert self.artifact is not None and r.teacher.cache
         teacher_hash = self.content_hash or ""
         records, views = trainer.train_records, trainer.views
-        size = image_size_hw(trainer.model.tbps_config)
+        size = image_size_hw(meta_of(trainer.model).config)
         key = cache_key(r, records, views, size)
         epochs = min(r.optim.epochs, math.ceil(trainer.total_steps / trainer.per_epoch))
         path = resolve_cache_path(r.teacher.cache, teacher_hash, key)
         built = False
         if not path.exists() and dist.is_main():
-            t_hw = image_size_hw(teacher.tbps_config)
+            t_hw = image_size_hw(meta_of(teacher).config)
             resize = None if t_hw == size else (
                 lambda x: F.interpolate(x, size=t_hw, mode="bilinear", align_corners=False))
             build_teacher_cache(path, teacher, teacher_hash, records, [trainer.dataset.image_path(x) for x in records],
@@ -771,18 +772,18 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, force: bool = Fa
         if r.student.vocab_prune:
             texts = vocabulary_captions(trainer.train_records, r.augment, clean_caption)
             rows_before = int(model.token_embedding.num_embeddings)
-            prune_vocabulary(model, texts, get_tokenizer(model.tbps_config))
+            prune_vocabulary(model, texts, get_tokenizer(meta_of(model).config))
             vocab_info = {"vocab_size_before": rows_before,
                           "vocab_size_after": int(model.token_embedding.num_embeddings),
-                          "unk_id": model.tbps_unk_id, "parameters_before": params_before["total"]}
+                          "unk_id": meta_of(model).unk_id, "parameters_before": params_before["total"]}
         return model
 
     def extra(tmp: Path) -> dict[str, Any]:
         t_model, s_model = teacher.model, trainer.model
         teacher_params = count_parameters(t_model)
-        teacher_macs = count_macs(t_model.tbps_config)
+        teacher_macs = count_macs(meta_of(t_model).config)
         sp = count_parameters(s_model)
-        macs = count_macs(s_model.tbps_config)
+        macs = count_macs(meta_of(s_model).config)
         info: dict[str, Any] = {
             "teacher": str(teacher_path), "teacher_content_hash": teacher.content_hash or "",
             "init": r.student.init, "inheritance": plan.as_dict() if r.student.init == "inherit" else None,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError, ConfigError, UserError
+from ..models.meta import meta_of
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,9 @@ def make_retrieval_probe(model: nn.Module, ds: Any, records: Sequence[Any], *, b
     from ..models.tokenizer import get_tokenizer
     from ..runtime.tokenizer import clean_caption
 
-    cfg = model.tbps_config
+    cfg = meta_of(model).config
     store = ImageStore([ds.image_path(r) for r in records], image_size_hw(cfg), cache=True)
-    tok = get_tokenizer(cfg, getattr(model, "tbps_vocab_map", None), getattr(model, "tbps_unk_id", None))
+    tok = get_tokenizer(cfg, meta_of(model).vocab_map, meta_of(model).unk_id)
     captions = [clean_caption(c) for r in records for c in r.captions]
     tokens = torch.cat([tok(captions[s:s + 512]) for s in range(0, len(captions), 512)])
     image_pids = torch.tensor([r.pid for r in records])
@@ -228,7 +229,7 @@ def initial_blocks(artifact: Path, model: nn.Module, *, parent: Path | None = No
     else:
         seed = int(_recipe_value(Path(artifact), "seed", 0)) if seed is None else int(seed)
         torch.manual_seed(seed)
-        ref = build_model(model.tbps_config)
+        ref = build_model(meta_of(model).config)
         source = f"seed:{seed}"
     out: dict[str, list[dict[str, torch.Tensor]]] = {}
     for tower in TOWERS:

@@ -50,6 +50,7 @@ from torch import nn
 
 from ..config import Strict
 from ..errors import ConfigError, UserError
+from ..models.meta import meta_of, set_meta
 from ..recipes import ModelCfg, TrainRecipe
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ def drop_layers(model: nn.Module, tower: str, indices: list[int]) -> nn.Module:
     transformer = model.visual.transformer if tower == "vision" else model.transformer
     transformer.resblocks = kept
     transformer.layers = len(kept)
-    model.tbps_config = config_from_model(model)
+    set_meta(model, config=config_from_model(model))
     return model
 
 
@@ -503,7 +504,7 @@ def prune_widths(model: nn.Module, cfg: PruneCfg, example_batch: dict[str, torch
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
         _zero_grads(model)
-    model.tbps_config = config_from_model(model)
+    set_meta(model, config=config_from_model(model))
     return model
 
 
@@ -559,7 +560,7 @@ def _example_batch(model: nn.Module, ds: Any, n: int, seed: int) -> dict[str, to
     if len(recs) < 2:
         raise UserError(f"{ds.annotation}: the train split needs at least 2 images to trace and score the model")
     recs = random.Random(seed).sample(recs, min(n, len(recs)))
-    cfg = model.tbps_config
+    cfg = meta_of(model).config
     store = ImageStore([ds.image_path(r) for r in recs], image_size_hw(cfg), cache=False)
     images = normalize_pixels(torch.stack([store[i] for i in range(len(recs))]))
     tok = model_tokenizer(model)
@@ -679,7 +680,7 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     for i in range(start, n + 1):
         torch.manual_seed(recipe.seed + i)
         prune_widths(model, recipe.prune, example, state["reference"], step=i, steps=n)
-        model.tbps_config["description"] = (f"pruned ({recipe.prune.criterion}, round {i}/{n}) from {source_path}; "
+        meta_of(model).config["description"] = (f"pruned ({recipe.prune.criterion}, round {i}/{n}) from {source_path}; "
                                             f"source: {src_art.model_config.get('description', '')}")
         after = model_report(model)
         final = i == n

@@ -29,6 +29,7 @@ from .. import distributed as dist
 from ..engine.train import LossInputProvider
 from ..errors import UserError
 from ..models.factory import EOT_TOKEN, tower_blocks
+from ..models.meta import meta_of
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
@@ -58,11 +59,11 @@ def teacher_adapter(student: nn.Module, teacher: nn.Module) -> Adapter | None:
     ``None`` when the two take the same inputs."""
     from ..models.config import image_size_hw
 
-    s_vm = getattr(student, "tbps_vocab_map", None) or None
-    t_vm = getattr(teacher, "tbps_vocab_map", None) or None
-    t_unk = getattr(teacher, "tbps_unk_id", None)
+    s_vm = meta_of(student).vocab_map or None
+    t_vm = meta_of(teacher).vocab_map or None
+    t_unk = meta_of(teacher).unk_id
     s_ctx, t_ctx = int(student.positional_embedding.shape[0]), int(teacher.positional_embedding.shape[0])
-    s_hw, t_hw = image_size_hw(student.tbps_config), image_size_hw(teacher.tbps_config)
+    s_hw, t_hw = image_size_hw(meta_of(student).config), image_size_hw(meta_of(teacher).config)
     lut: Tensor | None = None
     if s_vm or t_vm:
         n_s = int(student.token_embedding.num_embeddings)

@@ -47,6 +47,7 @@ from ..losses import LossInputs, LossSet, make_modules
 from ..models.config import image_size_hw
 from ..models.factory import config_from_model, count_parameters, set_text_attn_dropout
 from ..models.io import save_model
+from ..models.meta import meta_of, set_meta
 from ..models.tokenizer import model_tokenizer
 from ..recipes import TrainRecipe
 from ..retrieval.encoders import Split, TorchEncoder, evaluate
@@ -275,15 +276,15 @@ class Trainer:
         self.losses = LossSet({k: (dict(v) if v else {}) for k, v in r.losses.items()})
         self._load_data()
         model = self._build_model()
-        cfg = config_from_model(model) if not hasattr(model, "tbps_config") else model.tbps_config
-        model.tbps_config = cfg
-        if r.model is not None and r.model.vocab_prune and not getattr(model, "tbps_vocab_map", None):
+        cfg = config_from_model(model) if meta_of(model).config is None else meta_of(model).config
+        set_meta(model, config=cfg)
+        if r.model is not None and r.model.vocab_prune and not meta_of(model).vocab_map:
             from ..models.tokenizer import get_tokenizer
             from ..models.vocab import prune_vocabulary, vocabulary_captions
 
             texts = vocabulary_captions(self.train_records, r.augment, self.clean)
             prune_vocabulary(model, texts, get_tokenizer(cfg))
-            cfg = model.tbps_config
+            cfg = meta_of(model).config
         self.model = model.to(device)
         set_text_attn_dropout(model, r.tricks.text_attn_dropout)
         model.visual.conv1.weight.requires_grad_(not r.tricks.freeze_patch_embed)
@@ -436,7 +437,7 @@ class Trainer:
         if not hasattr(self, "_curve_records"):
             self._curve_records = self.dataset.split(split)
             self._curve_store = ImageStore([self.dataset.image_path(x) for x in self._curve_records],
-                                           image_size_hw(self.model.tbps_config), cache=True)
+                                           image_size_hw(meta_of(self.model).config), cache=True)
         m = self._evaluate(self._curve_records, self._curve_store)
         path = work / CURVE_NAME
         new = not path.exists()
@@ -595,7 +596,7 @@ class Trainer:
             "state": state.as_dict(),
             "rng": rng_state(self.device),
             "best_state": best_state,
-            "model_config": json.dumps(self.model.tbps_config, sort_keys=True),
+            "model_config": json.dumps(meta_of(self.model).config, sort_keys=True),
             "recipe_hash": recipe_hash(self.recipe),
         }
 
@@ -608,7 +609,7 @@ class Trainer:
         """Restore model, heads, optimiser, scaler and random state from ``path``; the loop position and the best
         weights so far."""
         ck = read_checkpoint(path)
-        check_checkpoint_fits(ck, path, model_config=json.dumps(self.model.tbps_config, sort_keys=True),
+        check_checkpoint_fits(ck, path, model_config=json.dumps(meta_of(self.model).config, sort_keys=True),
                               recipe_digest=recipe_hash(self.recipe),
                               model_name=getattr(self.recipe.model, "config", f"of this {self.stage} recipe"))
         self.model.load_state_dict(ck["model"])

@@ -15,6 +15,7 @@ from torch import nn
 
 from .attention import PrunableAttention
 from .config import block_sizes, get_model_config, image_size_hw, validate_model_config
+from .meta import meta_of, set_meta
 from .stem import ConvStem, stem_macs
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def _apply_blocks(model: nn.Module, cfg: dict[str, Any], tower: str) -> None:
 def build_model(cfg: dict[str, Any] | str) -> nn.Module:
     """An open_clip ``CLIP`` for a config (dict, registered name or JSON path), with prunable attention.
 
-    The returned module carries ``tbps_config`` (the validated config dict).
+    The returned module carries its :class:`~tbps_compress.models.meta.ModelMeta` (``meta_of(model).config``: the
+    validated config dict).
     """
     if not isinstance(cfg, dict):
         cfg = get_model_config(cfg)
@@ -83,7 +85,7 @@ def build_model(cfg: dict[str, Any] | str) -> nn.Module:
     model = _open_clip_model(cfg)
     for tower in ("vision", "text"):
         _apply_blocks(model, cfg, tower)
-    model.tbps_config = cfg
+    set_meta(model, config=cfg)
     return model
 
 
@@ -95,7 +97,7 @@ def set_text_attn_dropout(model: nn.Module, p: float) -> None:
 
 def config_from_model(model: nn.Module, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read the current architecture (after pruning) back into a config with per-block sizes."""
-    base = copy.deepcopy(base if base is not None else model.tbps_config)
+    base = copy.deepcopy(base if base is not None else meta_of(model).config)
     cfg = {k: v for k, v in base.items() if k not in ("vision_blocks", "text_blocks")}
     v, t = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
     v["width"] = int(model.visual.conv1.out_channels)

@@ -25,6 +25,7 @@ from ..artifacts import MODEL_CONFIG, WEIGHTS, Artifact, open_artifact, write_js
 from ..errors import ArtifactError, CheckpointError
 from .config import dump_model_config, image_size_hw, validate_model_config
 from .factory import build_model, config_from_model
+from .meta import meta_of, set_meta
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def save_model(model: nn.Module, folder: Path, cfg: dict[str, Any] | None = None
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    cfg = config_from_model(model, cfg if cfg is not None else getattr(model, "tbps_config", None))
+    cfg = config_from_model(model, cfg if cfg is not None else meta_of(model).config)
     folder = Path(folder)
     dump_model_config(cfg, folder / MODEL_CONFIG)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -71,10 +72,10 @@ def save_model(model: nn.Module, folder: Path, cfg: dict[str, Any] | None = None
     except SafetensorError as exc:  # disk full etc. (safetensors reports I/O errors with its own type)
         raise ArtifactError(f"{folder / WEIGHTS}: cannot write the weights ({exc}); free space or choose "
                             "another output folder") from exc
-    vocab_map = getattr(model, "tbps_vocab_map", None)
+    vocab_map = meta_of(model).vocab_map
     if vocab_map:
         write_json(folder / VOCAB_MAP, {str(k): v for k, v in vocab_map.items()})
-        write_json(folder / TOKENIZER_CFG, {"unk_id": getattr(model, "tbps_unk_id", None)})
+        write_json(folder / TOKENIZER_CFG, {"unk_id": meta_of(model).unk_id})
     return cfg
 
 
@@ -99,7 +100,7 @@ def load_model(source: Path | Artifact, *, device: str | torch.device = "cpu", v
     load_state_dict_checked(model, state, source=str(art.path / WEIGHTS))
     vocab_map, unk_id = read_vocab_map(art.path)
     if vocab_map:
-        model.tbps_vocab_map, model.tbps_unk_id = vocab_map, unk_id
+        set_meta(model, vocab_map=vocab_map, unk_id=unk_id)
     return model.to(device).eval()
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .meta import meta_of
+
 
 def get_tokenizer(cfg: dict[str, Any], vocab_map: dict[int, int] | None = None,
                   unk_id: int | None = None) -> Callable[[Sequence[str]], torch.Tensor]:
@@ -34,5 +36,5 @@ def get_tokenizer(cfg: dict[str, Any], vocab_map: dict[int, int] | None = None,
 
 def model_tokenizer(model: Any) -> Callable[[Sequence[str]], torch.Tensor]:
     """The tokenizer of a built or loaded model, with its vocabulary map if it was vocabulary-pruned."""
-    return get_tokenizer(model.tbps_config, getattr(model, "tbps_vocab_map", None),
-                         getattr(model, "tbps_unk_id", None))
+    return get_tokenizer(meta_of(model).config, meta_of(model).vocab_map,
+                         meta_of(model).unk_id)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .factory import EOT_TOKEN, SOT_TOKEN
+from .meta import meta_of, set_meta
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,13 @@ def prune_vocabulary(
     ``tokenizer`` maps captions to ORIGINAL BPE ids (``models.tokenizer.get_tokenizer(cfg)`` without a map). The
     new table holds, in order: id 0, the used ids (ascending), an unk row (the mean embedding, or the old unk row
     of an already pruned model), SOT, EOT, so EOT is the largest id. A model that already carries a vocabulary
-    map is pruned further (the maps compose). The model is changed in place; its ``tbps_config``,
-    ``tbps_vocab_map`` and ``tbps_unk_id`` are updated. Captions whose tokens are all kept embed exactly as before.
+    map is pruned further (the maps compose). The model is changed in place; its metadata (``meta_of(model)``:
+    config, vocabulary map, unknown id) is updated. Captions whose tokens are all kept embed exactly as before.
     """
     from .factory import config_from_model
 
-    old_map: dict[int, int] | None = getattr(model, "tbps_vocab_map", None) or None
-    old_unk = getattr(model, "tbps_unk_id", None)
+    old_map: dict[int, int] | None = meta_of(model).vocab_map or None
+    old_unk = meta_of(model).unk_id
     used: set[int] = set()
     for s in range(0, len(captions), batch_size):
         used.update(int(x) for x in torch.unique(tokenizer(list(captions[s:s + batch_size]))).tolist())
@@ -61,9 +62,9 @@ def prune_vocabulary(
     new.weight.copy_(torch.stack(rows))
     new.weight.requires_grad_(emb.weight.requires_grad)
     model.token_embedding = new
-    model.tbps_vocab_map = vocab_map
-    model.tbps_unk_id = unk_id
-    model.tbps_config = config_from_model(model)
+    set_meta(model, vocab_map=vocab_map)
+    set_meta(model, unk_id=unk_id)
+    set_meta(model, config=config_from_model(model))
     log.info("vocabulary pruned: %d -> %d token embeddings", table.shape[0], len(rows))
     return model, vocab_map, unk_id
 

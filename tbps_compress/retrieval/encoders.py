@@ -34,6 +34,7 @@ from PIL import Image
 from ..artifacts import Artifact, open_artifact
 from ..errors import UserError
 from ..io_utils import open_image_rgb
+from ..models.meta import meta_of
 from ..runtime.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig, preprocess_images
 from ..runtime.tokenizer import clean_caption
 
@@ -218,7 +219,8 @@ def _torch_dtype(precision: str) -> torch.dtype:
 
 
 class TorchEncoder(DatasetEncoder):
-    """A PyTorch model (``encode_image`` / ``encode_text`` with ``normalize=True``, ``tbps_config``) as an encoder.
+    """A PyTorch model (``encode_image`` / ``encode_text`` with ``normalize=True``, its config in
+    ``meta_of(model)``) as an encoder.
 
     Args:
         model: the model; put in eval mode for each call and returned to its previous mode afterwards.
@@ -258,7 +260,7 @@ class TorchEncoder(DatasetEncoder):
         self.model = model
         self._tokenizer = tokenizer
         self.clean = clean or clean_caption
-        self.image_size = image_size_hw(model.tbps_config)
+        self.image_size = image_size_hw(meta_of(model).config)
         self.batch_size = _check_batch(batch_size)
         self._preprocess: PreprocessConfig | None = None
 
