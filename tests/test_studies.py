@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 
 def test_distill_study_runs_each_variant_per_seed(benchmark_script, tiny_teacher_artifact: Path,
                                                   tiny_dataset: Path, tmp_path: Path) -> None:
@@ -26,3 +28,27 @@ def test_distill_study_runs_each_variant_per_seed(benchmark_script, tiny_teacher
     assert any("more than 3 seed spreads" in c["check"] for c in result["acceptance"])
     table = (out / "distill_study.md").read_text()
     assert "| R@1 per seed |" in table and "standard error" in table
+
+
+@pytest.mark.slow  # two diagnose subprocesses (torch imports): about a minute; `make test-all` runs it
+def test_attribute_cost_compares_each_model_with_its_reference(tmp_path: Path) -> None:
+    from benchmarks import attribute_cost
+    from tbps_compress.bench.zoo import random_artifact
+    from tbps_compress.data.synthpedes import generate
+
+    data = tmp_path / "ds"
+    generate(data, train_ids=4, val_ids=0, test_ids=12, images_per_id=2, captions_per_image=2, size=(64, 32),
+             seed=1, workers=1)
+    ref = random_artifact("test-tiny", tmp_path / "ref", seed=0)
+    other = random_artifact("test-tiny", tmp_path / "other", seed=1)
+    out = tmp_path / "cost"
+    assert attribute_cost.main(["--data", str(data), "--out", str(out), "--reference", f"teacher={ref}",
+                                f"student={other}", "--threads", "1"]) == 0
+    result = json.loads((out / "attribute_cost.json").read_text())
+    row = result["rows"][0]
+    assert row["name"] == "student" and result["reference"]["name"] == "teacher"
+    for fam, delta in row["auc_delta"].items():
+        assert abs(delta - (row["auc"][fam] - result["reference"]["auc"][fam])) < 0.02, fam
+    assert "upper_color" in row["auc_delta"]
+    assert (out / "attribute_cost.png").stat().st_size > 0 and "| family | teacher | student |" in (
+        out / "attribute_cost.md").read_text()
