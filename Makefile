@@ -27,8 +27,15 @@ browser:
 	    || echo "chromium could not be installed: the browser test will skip"; \
 	else echo "no chromium, and apt-get needs root: the browser test will skip (apt-get install chromium)"; fi
 
+## optimum: the optimum extra for the test of `quantize --backend optimum` (installed once; when pip cannot install
+## it, that test skips and says why)
+$(VENV)/.optimum: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,optimum]' \
+	  || echo "the optimum extra could not be installed: the optimum backend test will skip"
+	touch $@
+
 ## test: the fast test suite (CPU, a few minutes)
-test: $(STAMP) browser
+test: $(STAMP) browser $(VENV)/.optimum
 	$(PY) -m pytest -q -m "not slow and not gpu" --durations=15
 
 ## test-all: also the slow tests (scale checks)
