@@ -99,25 +99,11 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from tbps_compress.bench.report import grouped_bars
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summary["rows"]
     fams = [f for f in summary["reference"]["auc"] if f != "overall"]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / max(len(rows), 1)
-    for i, r in enumerate(rows):
-        ax.bar([k + i * width for k in range(len(fams))], [r["auc_delta"].get(f, 0.0) for f in fams], width,
-               label=r["name"])
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks([k + width * (len(rows) - 1) / 2 for k in range(len(fams))], fams, rotation=60, ha="right")
-    ax.set_ylabel(f"AUC change vs {summary['reference']['name']} (x100)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    grouped_bars(path, fams, {r["name"]: [r["auc_delta"].get(f, 0.0) for f in fams] for r in summary["rows"]},
+                 f"AUC change vs {summary['reference']['name']} (x100)")
 
 
 if __name__ == "__main__":

@@ -137,27 +137,14 @@ def _markdown(summary: dict[str, Any], base_auc: dict[str, float]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tbps_compress.bench.report import grouped_bars
 
     both = [r for r in rows if r["towers"] == "image,text"]
     if not both:
         return
     fams = [f for f in both[0]["auc_delta"] if f != "overall"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(both)
-    for i, r in enumerate(both):
-        ax.bar([k + i * width for k in range(len(fams))], [r["auc_delta"][f] for f in fams], width,
-               label=f"{r['mode']} int8, both towers")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks([k + width * (len(both) - 1) / 2 for k in range(len(fams))], fams, rotation=60, ha="right")
-    ax.set_ylabel("AUC change vs fp32 (x100)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    grouped_bars(path, fams, {f"{r['mode']} int8, both towers": [r["auc_delta"][f] for f in fams] for r in both},
+                 "AUC change vs fp32 (x100)")
 
 
 if __name__ == "__main__":

@@ -374,8 +374,8 @@ def test_cli_search_where_and_index_kinds(tmp_path, run_cli):
                                     "identity, mtime_ns, path, size"),
         (["--where", "camera"], "error: --where 'camera': expected KEY=VALUE"),
         (["--where", "camera=9"], "error: --where camera=9: no indexed image matches (camera values present: 0, 1)"),
-        (["--index", str(tmp_path / "somewhere")], "unknown index kind; choose one of flat, flat16, hnsw, ivfpq, ivfsq8 "
-                                                   "(an index folder is now given with --index-dir)"),
+        (["--index", str(tmp_path / "somewhere")], "unknown index kind; choose one of flat, flat16, hnsw, ivfpq, "
+                                                   "ivfsq8 (an index folder is now given with --index-dir)"),
         (["--index", "ivfpq"], "error: --index ivfpq: training needs at least 256 vectors (256 codewords per "
                                "sub-quantizer with nbits=8) but the gallery has 6 images; use --index flat"),
         (["--index", "hnsw", "--index-param", "nprobe=4"], "error: --index-param nprobe: not a parameter of "

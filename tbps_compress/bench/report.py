@@ -161,6 +161,29 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: Path, title: str | None = 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def grouped_bars(path: Path, groups: Sequence[str], series: dict[str, Sequence[float]], ylabel: str) -> Path:
+    """A bar chart with one group of bars per entry of ``groups`` (e.g. attribute families) and one bar per series
+    (e.g. compressed models) in each, around a zero line: the per-attribute plots of the studies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.45 * len(groups)), 4))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([k + i * width for k in range(len(groups))], list(values), width, label=label)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks([k + width * (len(series) - 1) / 2 for k in range(len(groups))], list(groups), rotation=60,
+                  ha="right")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
     """A Markdown table of the main columns, the skip / error reasons below it, and how it was measured."""
     cols = _columns(rows)
