@@ -231,17 +231,8 @@ class Pipeline:
                 close = difflib.get_close_matches(key, accepted, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ConfigError(f"{where}: unknown option '{key}'{hint}; valid options: {', '.join(accepted)}")
-        try:
-            self._configs[st.name] = stage.config.model_validate(st.options)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            key = ".".join(str(x) for x in err["loc"]) or "(options)"
-            msg = err["msg"]
-            if err["type"] == "value_error":
-                msg = msg.removeprefix("Value error, ")
-            else:
-                msg = f"{msg} (got {err.get('input')!r})"
-            raise ConfigError(f"{where}: option '{key}': {msg}") from None
+        labels = {k: f"option '{k}'" for k in accepted}
+        self._configs[st.name] = stage_config(st.kind, st.options, where, labels)
 
     def validate_stages(self) -> None:
         """Check every stage's recipe (with its ``set:``) and options; raise :class:`ConfigError` naming the pipeline
