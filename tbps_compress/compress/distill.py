@@ -243,6 +243,13 @@ def _check_fits(s_cfg: dict[str, Any], t_cfg: dict[str, Any], teacher_name: str)
             f"student {key}: {s} is {what} the teacher's {t} ({teacher_name}); weight inheritance needs a student "
             "no wider or deeper than its teacher: shrink the student or use student.init: random")
 
+    from ..models.config import model_family
+
+    for who, cfg in (("student.config", s_cfg), (f"teacher ({teacher_name})", t_cfg)):
+        if model_family(cfg) != "clip":
+            raise InheritanceError(
+                f"student.init: inherit copies transformer blocks, and the {who} is of model family "
+                f"'{model_family(cfg)}', which has none; use student.init: random (with the KD losses) for it")
     if bool(s_cfg.get("quick_gelu")) != bool(t_cfg.get("quick_gelu")):
         fail("quick_gelu", s_cfg.get("quick_gelu"), t_cfg.get("quick_gelu"), "different from")
     if s_cfg["embed_dim"] > t_cfg["embed_dim"]:

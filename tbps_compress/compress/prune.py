@@ -202,6 +202,9 @@ def _partial(start: int, final: int, step: int, steps: int, round_to: int | None
 
 def check_prune_cfg(cfg: PruneCfg, model: nn.Module) -> None:
     """Check ``cfg`` against the model before any work; raise a one-line :class:`ConfigError` naming the key."""
+    from ..models.factory import require_blocks
+
+    require_blocks(model, "structured pruning (tbps-compress prune)")
     for tower in TOWERS:
         t: TowerPruneCfg = getattr(cfg, tower)
         key = f"prune.{tower}"

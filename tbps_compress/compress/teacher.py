@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import distributed as dist
 from ..engine.train import LossInputProvider
 from ..errors import UserError
-from ..models.factory import EOT_TOKEN, tower_blocks
+from ..models.factory import EOT_TOKEN, context_length, tower_blocks
 from ..models.meta import meta_of
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def teacher_adapter(student: nn.Module, teacher: nn.Module) -> Adapter | None:
     s_vm = meta_of(student).vocab_map or None
     t_vm = meta_of(teacher).vocab_map or None
     t_unk = meta_of(teacher).unk_id
-    s_ctx, t_ctx = int(student.positional_embedding.shape[0]), int(teacher.positional_embedding.shape[0])
+    s_ctx, t_ctx = context_length(student), context_length(teacher)
     s_hw, t_hw = image_size_hw(meta_of(student).config), image_size_hw(meta_of(teacher).config)
     lut: Tensor | None = None
     if s_vm or t_vm:

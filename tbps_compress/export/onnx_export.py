@@ -543,6 +543,7 @@ def export_onnx(
 
     from ..artifacts import write_artifact
     from ..models.config import image_size_hw
+    from ..models.factory import context_length as text_context_length
     from ..models.io import load_model
     from ..runtime.tokenizer import BPETokenizer
     from .hf_tokenizer import build_hf_tokenizer, write_hf_tokenizer
@@ -563,7 +564,7 @@ def export_onnx(
     model = load_model(art, verify=False).float().eval()
     cfg = art.model_config or {}
     height, width = image_size_hw(cfg)
-    context_length = int(model.positional_embedding.shape[0])
+    context_length = text_context_length(model)
     n_tokens = int(model.token_embedding.num_embeddings)
 
     lookup: np.ndarray | None = None

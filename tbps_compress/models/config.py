@@ -70,7 +70,16 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
     """Check keys, types and divisibility; fill defaults; return a deep copy."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: a model config must be a JSON object")
+    family = cfg.get("family", "clip")
+    if family == "stripe-gru":
+        from .stripe_gru import validate
+
+        return validate(cfg, source)
+    if family != "clip":
+        raise ConfigError(f"{source}: 'family' must be 'clip' (open_clip towers, the default) or 'stripe-gru', "
+                          f"got {family!r}")
     cfg = copy.deepcopy(cfg)
+    cfg.pop("family", None)
     for key in _REQUIRED:
         if key not in cfg:
             raise ConfigError(f"{source}: missing key '{key}'")
@@ -145,6 +154,11 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
                 for k in ("heads", "head_dim", "mlp_dim"):
                     _positive_int(blk[k], f"{key}[{i}].{k}", source)
     return cfg
+
+
+def model_family(cfg: dict[str, Any]) -> str:
+    """'clip' (open_clip towers with transformer blocks) or 'stripe-gru' (:mod:`tbps_compress.models.stripe_gru`)."""
+    return str(cfg.get("family", "clip"))
 
 
 def block_sizes(cfg: dict[str, Any], tower: str) -> list[dict[str, int]]:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .attention import PrunableAttention
-from .config import block_sizes, get_model_config, image_size_hw, validate_model_config
+from .config import block_sizes, get_model_config, image_size_hw, model_family, validate_model_config
 from .meta import meta_of, set_meta
 from .stem import ConvStem, stem_macs
 
@@ -48,8 +49,29 @@ def _open_clip_model(cfg: dict[str, Any]) -> nn.Module:
     return model
 
 
+def is_blockwise(model: nn.Module) -> bool:
+    """Whether ``model`` has transformer blocks (an open_clip CLIP) that block-level operations can act on."""
+    return model_family(meta_of(model).config or {}) == "clip"
+
+
+def require_blocks(model: nn.Module, operation: str) -> None:
+    """Raise a ConfigError when ``operation`` (pruning, layer inheritance, ...) meets a model without blocks."""
+    if not is_blockwise(model):
+        family = model_family(meta_of(model).config or {})
+        raise ConfigError(f"{operation} works on transformer blocks, and model family '{family}' has none; "
+                          "use an open_clip (ViT) config for it")
+
+
+def context_length(model: nn.Module) -> int:
+    """The number of token positions a model's text tower takes."""
+    if hasattr(model, "context_length") and not hasattr(model, "positional_embedding"):
+        return int(model.context_length)
+    return int(model.positional_embedding.shape[0])
+
+
 def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
     """The residual blocks of the 'vision' or 'text' tower."""
+    require_blocks(model, f"reading the {tower} tower's blocks")
     if tower == "vision":
         return model.visual.transformer.resblocks
     if tower == "text":
@@ -82,6 +104,12 @@ def build_model(cfg: dict[str, Any] | str) -> nn.Module:
     if not isinstance(cfg, dict):
         cfg = get_model_config(cfg)
     cfg = validate_model_config(cfg)
+    if model_family(cfg) == "stripe-gru":
+        from .stripe_gru import StripeGRU
+
+        model = StripeGRU(cfg)
+        set_meta(model, config=cfg)
+        return model
     model = _open_clip_model(cfg)
     for tower in ("vision", "text"):
         _apply_blocks(model, cfg, tower)
@@ -90,7 +118,13 @@ def build_model(cfg: dict[str, Any] | str) -> nn.Module:
 
 
 def set_text_attn_dropout(model: nn.Module, p: float) -> None:
-    """Dropout on the attention weights of the text tower only (a TBPS-CLIP trick)."""
+    """Dropout on the attention weights of the text tower only (a TBPS-CLIP trick); a model without attention
+    blocks has nothing to apply it to (logged when ``p`` is not 0)."""
+    if not is_blockwise(model):
+        if p:
+            log.info("tricks.text_attn_dropout %.3g not applied: model family '%s' has no attention blocks", p,
+                     model_family(meta_of(model).config or {}))
+        return
     for blk in tower_blocks(model, "text"):
         blk.attn.attn_dropout = float(p)
 
@@ -98,6 +132,10 @@ def set_text_attn_dropout(model: nn.Module, p: float) -> None:
 def config_from_model(model: nn.Module, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read the current architecture (after pruning) back into a config with per-block sizes."""
     base = copy.deepcopy(base if base is not None else meta_of(model).config)
+    if model_family(base) == "stripe-gru":
+        from .stripe_gru import config_from_model as stripe_config
+
+        return stripe_config(model, base)
     cfg = {k: v for k, v in base.items() if k not in ("vision_blocks", "text_blocks")}
     v, t = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
     v["width"] = int(model.visual.conv1.out_channels)
@@ -156,6 +194,10 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 def count_macs(cfg: dict[str, Any]) -> dict[str, int]:
     """Multiply-accumulates of one image and one caption forward pass, counted from the config's matrix products
     (linear layers, attention scores and values, patch embedding, projections)."""
+    if model_family(cfg) == "stripe-gru":
+        from .stripe_gru import count_macs as stripe_macs
+
+        return stripe_macs(cfg)
     out: dict[str, int] = {}
     h, w = image_size_hw(cfg)
     v = cfg["vision_cfg"]

@@ -1,0 +1,214 @@
+"""The ``stripe-gru`` model family: a residual CNN with horizontal-stripe pooling and a bidirectional GRU text tower.
+
+Trained from scratch on a CPU budget, a ViT-style image tower (patchify, convolutional stem or hybrid) with a
+transformer text tower learns SynthPedes slowly: on the fixed benchmark test split it reaches about the
+upper-and-lower-colour oracle after an hour. Part-based pooling and a recurrent text encoder are the two
+inductive biases that change that, and they only work together (measured in ``benchmarks/results/teacher_ground``):
+
+- **image**: a small ResNet trunk (a stride-2 conv3x3 stem, then stages whose first basic block halves the
+  resolution) to a stride-16 map; the map is average-pooled over the whole image and over ``stripes`` horizontal
+  bands (head, torso, legs, feet at 4 bands: the PCB pooling of person re-identification), the ``stripes + 1``
+  vectors are concatenated and projected (``visual.proj``) to the joint embedding. An image embedding thus keeps
+  *where* a colour is, which is what tells "red coat, black trousers" from "black coat, red trousers".
+- **text**: the BPE tokens of the toolkit's tokenizer (the same vocabulary pruning applies), a ``layers``-deep
+  bidirectional GRU over the whole padded context, max-pooled over the caption's own tokens (padding masked) and
+  projected (``text_projection``) to the joint embedding. No position embeddings: the recurrence orders words.
+
+The module keeps the attribute names the rest of the toolkit reads from an open_clip ``CLIP`` where they have the
+same meaning (``visual.conv1``, ``visual.proj``, ``token_embedding``, ``text_projection``, ``logit_scale``,
+``encode_image`` / ``encode_text(normalize=...)``), so training, evaluation, vocabulary pruning, ONNX export
+(the GRU becomes one ONNX ``GRU`` node per layer), quantisation and benchmarking treat it like any other model.
+It has no transformer blocks: structured pruning, layer inheritance and hidden-state distillation, which work on
+blocks, refuse it with an error naming the family.
+
+Config (``models/configs/synth-stripe-gru.json``)::
+
+    {"family": "stripe-gru", "embed_dim": 256,
+     "vision_cfg": {"image_size": [96, 48], "channels": [32, 64, 128, 256], "blocks": [1, 2, 2], "stripes": 4},
+     "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 256, "hidden": 256, "layers": 2}}
+
+``channels[0]`` is the stem's width; stage ``i`` (``i >= 1``) has ``blocks[i - 1]`` basic blocks of
+``channels[i]`` channels, the first with stride 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+FAMILY = "stripe-gru"
+_TOP = {"family", "description", "name", "embed_dim", "vision_cfg", "text_cfg"}
+_VISION = {"image_size", "channels", "blocks", "stripes"}
+_TEXT = {"context_length", "vocab_size", "width", "hidden", "layers"}
+
+
+def _pos_int(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{source}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _int_list(value: Any, key: str, source: str, length: int | None = None) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{source}: '{key}' must be a non-empty list of positive integers, got {value!r}")
+    for i, v in enumerate(value):
+        _pos_int(v, f"{key}[{i}]", source)
+    if length is not None and len(value) != length:
+        raise ConfigError(f"{source}: '{key}' needs {length} entries (one per stage after the stem), got {len(value)}")
+    return list(value)
+
+
+def validate(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check a ``stripe-gru`` config's keys and values; return a deep copy with ``image_size`` as [h, w]."""
+    cfg = copy.deepcopy(cfg)
+    unknown = set(cfg) - _TOP
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} for family '{FAMILY}'; allowed: {sorted(_TOP)}")
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in cfg:
+            raise ConfigError(f"{source}: missing key '{key}'")
+    _pos_int(cfg["embed_dim"], "embed_dim", source)
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    for tower, keys, allowed in (("vision_cfg", v, _VISION), ("text_cfg", t, _TEXT)):
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{source}: '{tower}' must be an object")
+        extra = set(keys) - allowed
+        missing = allowed - set(keys)
+        if extra:
+            raise ConfigError(f"{source}: unknown key(s) {sorted(extra)} in '{tower}'; allowed: {sorted(allowed)}")
+        if missing:
+            raise ConfigError(f"{source}: missing key(s) {sorted(missing)} in '{tower}' (family '{FAMILY}')")
+    channels = _int_list(v["channels"], "vision_cfg.channels", source)
+    if len(channels) < 2:
+        raise ConfigError(f"{source}: 'vision_cfg.channels' needs the stem's width and at least one stage, "
+                          f"got {channels}")
+    _int_list(v["blocks"], "vision_cfg.blocks", source, len(channels) - 1)
+    stripes = _pos_int(v["stripes"], "vision_cfg.stripes", source)
+    size = v["image_size"]
+    hw = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
+    if not isinstance(hw, list) or len(hw) != 2:
+        raise ConfigError(f"{source}: 'vision_cfg.image_size' must be an int or [height, width], got {size!r}")
+    for i, s in enumerate(hw):
+        _pos_int(s, f"vision_cfg.image_size[{i}]", source)
+    stride = 2 ** len(channels)
+    if hw[0] % stride or hw[1] % stride:
+        raise ConfigError(f"{source}: 'vision_cfg.image_size' {hw} is not divisible by the trunk's stride {stride} "
+                          f"({len(channels)} stride-2 layers)")
+    if stripes > hw[0] // stride:
+        raise ConfigError(f"{source}: 'vision_cfg.stripes' {stripes} is more than the feature map's "
+                          f"{hw[0] // stride} rows at image height {hw[0]}")
+    v["image_size"] = list(hw)
+    for key in sorted(_TEXT):
+        _pos_int(t[key], f"text_cfg.{key}", source)
+    return cfg
+
+
+class DownBlock(nn.Module):
+    """A ResNet basic block (two conv3x3 + BN) with an optional stride and a 1x1 projection shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class StripeCNN(nn.Module):
+    """Residual trunk to a stride-``2**len(channels)`` map; global + ``stripes`` band average pools; projection."""
+
+    def __init__(self, channels: list[int], blocks: list[int], stripes: int, embed_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels[0], 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels[0])
+        stages = []
+        for c_in, c_out, n in zip(channels[:-1], channels[1:], blocks, strict=True):
+            stages.append(nn.Sequential(DownBlock(c_in, c_out, 2), *[DownBlock(c_out, c_out, 1)
+                                                                     for _ in range(n - 1)]))
+        self.stages = nn.Sequential(*stages)
+        self.stripes = int(stripes)
+        pooled = channels[-1] * (self.stripes + 1)
+        self.proj = nn.Parameter(torch.randn(pooled, embed_dim) * pooled ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stages(torch.relu(self.bn1(self.conv1(x))))
+        bands = F.adaptive_avg_pool2d(f, (self.stripes, 1)).flatten(2)  # (B, C, stripes)
+        pooled = torch.cat([f.mean(dim=(2, 3)).unsqueeze(2), bands], dim=2).flatten(1)
+        return pooled @ self.proj
+
+
+class StripeGRU(nn.Module):
+    """Image and text towers of the ``stripe-gru`` family with CLIP's interface (see the module docstring)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        v, t = cfg["vision_cfg"], cfg["text_cfg"]
+        d = int(cfg["embed_dim"])
+        self.visual = StripeCNN(list(v["channels"]), list(v["blocks"]), int(v["stripes"]), d)
+        self.context_length = int(t["context_length"])
+        self.token_embedding = nn.Embedding(int(t["vocab_size"]), int(t["width"]))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.gru = nn.GRU(int(t["width"]), int(t["hidden"]), num_layers=int(t["layers"]), batch_first=True,
+                          bidirectional=True)
+        out = 2 * int(t["hidden"])
+        self.text_projection = nn.Parameter(torch.randn(out, d) * out ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.visual(image)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        states, _ = self.gru(self.token_embedding(text))
+        valid = (text != 0).unsqueeze(2)
+        pooled = states.masked_fill(~valid, -1e4).amax(dim=1)
+        x = pooled @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
+        img = self.encode_image(image, normalize=True) if image is not None else None
+        txt = self.encode_text(text, normalize=True) if text is not None else None
+        return img, txt, self.logit_scale.exp()
+
+
+def config_from_model(model: StripeGRU, base: dict[str, Any]) -> dict[str, Any]:
+    """The config with the token table's current size (after vocabulary pruning) and the embedding width."""
+    cfg = copy.deepcopy(base)
+    cfg["text_cfg"]["vocab_size"] = int(model.token_embedding.num_embeddings)
+    cfg["embed_dim"] = int(model.visual.proj.shape[1])
+    return validate(cfg, cfg.get("name", FAMILY))
+
+
+def count_macs(cfg: dict[str, Any]) -> dict[str, int]:
+    """Multiply-accumulates of one image (convolutions, projection) and one caption (GRU gates, projection)."""
+    v, t = cfg["vision_cfg"], cfg["text_cfg"]
+    h, w = v["image_size"]
+    ch = v["channels"]
+    h, w = (h + 1) // 2, (w + 1) // 2
+    macs = h * w * ch[0] * 3 * 9
+    for c_in, c_out, n in zip(ch[:-1], ch[1:], v["blocks"], strict=True):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        macs += h * w * (c_in * c_out * 9 + c_out * c_out * 9 + c_in * c_out)  # first block and its shortcut
+        macs += (n - 1) * h * w * 2 * c_out * c_out * 9
+    vision = macs + ch[-1] * (v["stripes"] + 1) * cfg["embed_dim"]
+    hidden, width, steps = t["hidden"], t["width"], t["context_length"]
+    text = 0
+    for layer in range(t["layers"]):
+        d_in = width if layer == 0 else 2 * hidden
+        text += 2 * steps * 3 * hidden * (d_in + hidden)  # both directions, three gates, input and recurrent
+    text += 2 * hidden * cfg["embed_dim"]
+    return {"vision": int(vision), "text": int(text)}
