@@ -195,7 +195,8 @@ def test_distils_from_random_init_and_refuses_inheritance_and_pruning(sg_teacher
     assert code == 2 and "model family 'stripe-gru'" in err and "init: random" in err
     assert "Traceback" not in err and not (tmp_path / "student-inherit").exists()
     prune = {"output": str(tmp_path / "pruned"), "seed": 0, "device": "cpu", "data": {"root": str(tiny_dataset)},
-             "teacher": {"artifact": str(sg_teacher)}, "source": str(sg_teacher), "prune": {"vision": {"mlp_ratio": 0.5}}, "eval": {"batch_size": 16}}
+             "teacher": {"artifact": str(sg_teacher)}, "source": str(sg_teacher),
+             "prune": {"vision": {"mlp_ratio": 0.5}}, "eval": {"batch_size": 16}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(prune), encoding="utf-8")
     code, out, err = run_cli(["prune", str(tmp_path / "p.yaml")])
     assert code == 2 and "structured pruning" in err and "stripe-gru" in err and "Traceback" not in err
