@@ -52,3 +52,23 @@ def test_attribute_cost_compares_each_model_with_its_reference(tmp_path: Path) -
     assert "upper_color" in row["auc_delta"]
     assert (out / "attribute_cost.png").stat().st_size > 0 and "| family | teacher | student |" in (
         out / "attribute_cost.md").read_text()
+
+
+def test_teacher_curves_append_the_final_point_and_draw(benchmark_script, tmp_path: Path) -> None:
+    mod = benchmark_script("teacher_curves")
+    header = "step,epoch,train_seconds,split,R1,R5,R10,mAP,mINP\n"
+    csv_only = tmp_path / "a.csv"
+    csv_only.write_text(header + "100,0.1,60,test,1.0,5.0,9.0,2.0,1.0\n", encoding="utf-8")
+    art = tmp_path / "run"
+    art.mkdir()
+    (art / "curve.csv").write_text(header + "100,0.1,50,test,2.0,6.0,10.0,3.0,1.0\n", encoding="utf-8")
+    (art / "metrics.json").write_text(json.dumps({"steps": 150, "train_seconds": 75.0, "test": {
+        "R1": 4.5, "R5": 9.0, "R10": 12.0, "mAP": 5.0}}), encoding="utf-8")
+    out = tmp_path / "out"
+    assert mod.main([f"old={csv_only}", f"new run={art}", "--out", str(out)]) == 0
+    assert (out / "curves.png").stat().st_size > 0
+    table = (out / "curves.md").read_text(encoding="utf-8")
+    assert "| new run | 150 | 1.2 | 4.50 |" in table and "| old | 100 | 1.0 | 1.00 |" in table
+    assert (out / "new-run-curve.csv").read_text(encoding="utf-8").splitlines()[-1].startswith("150.0,75.0,4.5")
+    with pytest.raises(SystemExit, match="no learning curve"):
+        mod.main([f"x={tmp_path / 'missing.csv'}", "--out", str(out)])
