@@ -72,3 +72,16 @@ def test_teacher_curves_append_the_final_point_and_draw(benchmark_script, tmp_pa
     assert (out / "new-run-curve.csv").read_text(encoding="utf-8").splitlines()[-1].startswith("150.0,75.0,4.5")
     with pytest.raises(SystemExit, match="no learning curve"):
         mod.main([f"x={tmp_path / 'missing.csv'}", "--out", str(out)])
+
+
+def test_gpu_studies_dry_run_runs_every_stage_on_cpu(benchmark_script, tiny_dataset: Path, tmp_path: Path) -> None:
+    """The GPU run's commands, on the CPU with the tiny stripe-gru model: every stage exits 0 and is summarised."""
+    mod = benchmark_script("gpu_studies")
+    out = tmp_path / "gpu"
+    assert mod.main(["--data", str(tiny_dataset), "--out", str(out), "--dry-run"]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "student-onnx", "bench"]
+    assert summary["stages"][0]["steps"] == 2 and "R1" in summary["stages"][1]
+    assert (out / "bench" / "bench.md").is_file() and "| teacher |" in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="no reid_raw.json"):
+        mod.main(["--data", str(tmp_path / "none"), "--out", str(out), "--dry-run"])
