@@ -5,7 +5,8 @@
 
 Each variant is the recipe with its overrides (KEY=VALUE after the variant's name); all variants are timed in this
 one process, alternating, after two warm-up steps each, so their ratios are comparable. Prints a Markdown table of
-milliseconds per step (median over the timed steps) and writes it to --out when given.
+milliseconds per step (median over the timed steps) and writes it to --out when given. With --towers it also times
+each tower's forward + backward alone on the same batches (which of the two the step waits on).
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ def _step(tr, it) -> dict[str, float]:
     return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimiser": t4 - t3, "step": t4 - t0}
 
 
+def _towers(tr, it) -> dict[str, float]:
+    """Forward + backward of the image tower alone, then of the text tower alone, on one batch (seconds)."""
+    batch = next(it)
+    out = {}
+    for name, fn, x in (("image tower", tr.model.encode_image, batch["image"]),
+                        ("text tower", tr.model.encode_text, batch["text"])):
+        tr.optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        fn(x).float().square().mean().backward()
+        out[name] = time.perf_counter() - t0
+    tr.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", type=Path)
@@ -50,6 +65,7 @@ def main() -> int:
     ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"), required=True)
     ap.add_argument("--set", dest="sets", action="append", default=[], help="override for every variant")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--towers", action="store_true", help="also time each tower's forward + backward alone")
     args = ap.parse_args()
     import torch
 
@@ -62,7 +78,11 @@ def main() -> int:
     for _ in range(args.steps):
         for _name, tr, it, times in runs:
             times.append(_step(tr, it))
+            if args.towers:
+                times[-1].update(_towers(tr, it))
     keys = ("data", "forward", "backward", "optimiser", "step")
+    if args.towers:
+        keys += ("image tower", "text tower")
     lines = [f"Training step of `{args.recipe}` ({torch.get_num_threads()} threads, batch "
              f"{runs[0][1].recipe.optim.batch_size}, median of {args.steps} alternating steps, ms)", "",
              "| variant | token rows | " + " | ".join(keys) + " | samples/s |",

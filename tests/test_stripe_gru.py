@@ -201,6 +201,8 @@ def test_distils_from_random_init_and_refuses_inheritance_and_pruning(sg_teacher
     code, out, err = run_cli(["prune", str(tmp_path / "p.yaml")])
     assert code == 2 and "structured pruning" in err and "stripe-gru" in err and "Traceback" not in err
     assert not (tmp_path / "pruned").exists()
+    code, out, err = run_cli(["probe", str(sg_teacher), "--data", str(tiny_dataset)])
+    assert code == 2 and "module-importance probe" in err and "'stripe-gru'" in err and "Traceback" not in err
 
 
 def test_block_operations_refuse_the_family_in_one_line(tmp_path: Path) -> None:

@@ -285,6 +285,7 @@ def probe(
     """
     from ..artifacts import open_artifact
     from ..devices import resolve_device
+    from ..models.config import model_family
     from ..models.factory import tower_blocks
     from ..models.io import load_model
 
@@ -300,6 +301,10 @@ def probe(
     if not force and any((out_dir / f).exists() for f in (PROBE_JSON, PROBE_MD, PROBE_PNG)):
         raise UserError(f"{out_dir}: a probe table exists already; choose another --out or pass --force")
     art = open_artifact(artifact)
+    family = model_family(art.model_config or {})
+    if family != "clip":
+        raise ConfigError(f"{artifact}: the module-importance probe measures transformer blocks, and this model is of "
+                          f"family '{family}', which has none; probe an open_clip (ViT) artifact")
     dev = resolve_device(device)
     model = load_model(art, device=dev, verify=False).eval()
     inits, init_source = initial_blocks(artifact, model, parent=parent, seed=seed)
