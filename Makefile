@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-## demo: SynthPedes -> teacher -> students -> ONNX -> int8 -> benchmark table (measured: 34 min on a shared 2-core CPU)
+## demo: SynthPedes -> teacher -> students -> ONNX -> int8 -> benchmark table (measured: 33 min on a quiet 2-core CPU with the data present)
 demo: $(STAMP)
 	$(VENV)/bin/tbps-compress run recipes/pipeline/synth-demo.yaml
 
