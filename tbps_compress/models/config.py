@@ -52,7 +52,8 @@ def get_model_config(name_or_path: str | Path) -> dict[str, Any]:
     return validate_model_config(cfg, source=name)
 
 
-def _positive_int(value: Any, key: str, source: str) -> int:
+def positive_int(value: Any, key: str, source: str) -> int:
+    """``value`` if it is a positive int (not a bool), else a ConfigError naming ``key`` in ``source``."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{source}: '{key}' must be a positive integer, got {value!r}")
     return value
@@ -70,14 +71,9 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
     """Check keys, types and divisibility; fill defaults; return a deep copy."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: a model config must be a JSON object")
-    family = cfg.get("family", "clip")
-    if family == "stripe-gru":
-        from .stripe_gru import validate
-
-        return validate(cfg, source)
-    if family != "clip":
-        raise ConfigError(f"{source}: 'family' must be 'clip' (open_clip towers, the default) or 'stripe-gru', "
-                          f"got {family!r}")
+    module = family_module(cfg, source)
+    if module is not None:
+        return module.validate(cfg, source)
     cfg = copy.deepcopy(cfg)
     cfg.pop("family", None)
     for key in _REQUIRED:
@@ -86,7 +82,7 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
     unknown = set(cfg) - _ALLOWED_TOP
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_ALLOWED_TOP)}")
-    _positive_int(cfg["embed_dim"], "embed_dim", source)
+    positive_int(cfg["embed_dim"], "embed_dim", source)
     cfg.setdefault("quick_gelu", False)
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     for tower, keys, allowed in (("vision_cfg", v, _VISION_KEYS), ("text_cfg", t, _TEXT_KEYS)):
@@ -96,10 +92,10 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
         if extra:
             raise ConfigError(f"{source}: unknown key(s) {sorted(extra)} in '{tower}'; allowed: {sorted(allowed)}")
     for key in ("layers", "width", "patch_size"):
-        _positive_int(v.get(key), f"vision_cfg.{key}", source)
+        positive_int(v.get(key), f"vision_cfg.{key}", source)
     v.setdefault("head_width", 64)
     v.setdefault("mlp_ratio", 4.0)
-    _positive_int(v["head_width"], "vision_cfg.head_width", source)
+    positive_int(v["head_width"], "vision_cfg.head_width", source)
     size = v.get("image_size", 224)
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in hw):
@@ -135,7 +131,7 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
             "choose a head_width that divides the width"
         )
     for key in ("layers", "width", "heads", "context_length", "vocab_size"):
-        _positive_int(t.get(key), f"text_cfg.{key}", source)
+        positive_int(t.get(key), f"text_cfg.{key}", source)
     t.setdefault("mlp_ratio", 4.0)
     if not cfg.get("text_blocks") and t["width"] % t["heads"]:
         raise ConfigError(
@@ -152,13 +148,32 @@ def validate_model_config(cfg: dict[str, Any], source: str = "model config") -> 
                 if not isinstance(blk, dict) or set(blk) != {"heads", "head_dim", "mlp_dim"}:
                     raise ConfigError(f"{source}: '{key}[{i}]' must be {{heads, head_dim, mlp_dim}}, got {blk!r}")
                 for k in ("heads", "head_dim", "mlp_dim"):
-                    _positive_int(blk[k], f"{key}[{i}].{k}", source)
+                    positive_int(blk[k], f"{key}[{i}].{k}", source)
     return cfg
 
 
+# Model families other than open_clip's CLIP: family name -> the module that implements it. A family module provides
+# validate(cfg, source), build(cfg), config_from_model(model, base) and count_macs(cfg); validation, the factory,
+# saving and the MAC count dispatch through it.
+FAMILIES = {"stripe-gru": "tbps_compress.models.stripe_gru"}
+
+
 def model_family(cfg: dict[str, Any]) -> str:
-    """'clip' (open_clip towers with transformer blocks) or 'stripe-gru' (:mod:`tbps_compress.models.stripe_gru`)."""
+    """'clip' (open_clip towers with transformer blocks, the default) or a name in :data:`FAMILIES`."""
     return str(cfg.get("family", "clip"))
+
+
+def family_module(cfg: dict[str, Any], source: str = "model config") -> Any:
+    """The module of a config's family, or ``None`` for 'clip'; an unknown family is a ConfigError."""
+    family = model_family(cfg)
+    if family == "clip":
+        return None
+    if family not in FAMILIES:
+        raise ConfigError(f"{source}: 'family' must be 'clip' (open_clip towers, the default) or one of "
+                          f"{', '.join(sorted(FAMILIES))}, got {family!r}")
+    import importlib
+
+    return importlib.import_module(FAMILIES[family])
 
 
 def block_sizes(cfg: dict[str, Any], tower: str) -> list[dict[str, int]]:

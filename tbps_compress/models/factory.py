@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .attention import PrunableAttention
-from .config import block_sizes, get_model_config, image_size_hw, model_family, validate_model_config
+from .config import block_sizes, family_module, get_model_config, image_size_hw, model_family, validate_model_config
 from .meta import meta_of, set_meta
 from .stem import ConvStem, stem_macs
 
@@ -63,10 +63,9 @@ def require_blocks(model: nn.Module, operation: str) -> None:
 
 
 def context_length(model: nn.Module) -> int:
-    """The number of token positions a model's text tower takes."""
-    if hasattr(model, "context_length") and not hasattr(model, "positional_embedding"):
-        return int(model.context_length)
-    return int(model.positional_embedding.shape[0])
+    """The number of token positions a model's text tower takes (a CLIP's position table; else its attribute)."""
+    table = getattr(model, "positional_embedding", None)
+    return int(table.shape[0]) if table is not None else int(model.context_length)
 
 
 def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
@@ -104,10 +103,9 @@ def build_model(cfg: dict[str, Any] | str) -> nn.Module:
     if not isinstance(cfg, dict):
         cfg = get_model_config(cfg)
     cfg = validate_model_config(cfg)
-    if model_family(cfg) == "stripe-gru":
-        from .stripe_gru import StripeGRU
-
-        model = StripeGRU(cfg)
+    module = family_module(cfg)
+    if module is not None:
+        model = module.build(cfg)
         set_meta(model, config=cfg)
         return model
     model = _open_clip_model(cfg)
@@ -132,10 +130,9 @@ def set_text_attn_dropout(model: nn.Module, p: float) -> None:
 def config_from_model(model: nn.Module, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read the current architecture (after pruning) back into a config with per-block sizes."""
     base = copy.deepcopy(base if base is not None else meta_of(model).config)
-    if model_family(base) == "stripe-gru":
-        from .stripe_gru import config_from_model as stripe_config
-
-        return stripe_config(model, base)
+    module = family_module(base)
+    if module is not None:
+        return module.config_from_model(model, base)
     cfg = {k: v for k, v in base.items() if k not in ("vision_blocks", "text_blocks")}
     v, t = dict(cfg["vision_cfg"]), dict(cfg["text_cfg"])
     v["width"] = int(model.visual.conv1.out_channels)
@@ -194,10 +191,9 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 def count_macs(cfg: dict[str, Any]) -> dict[str, int]:
     """Multiply-accumulates of one image and one caption forward pass, counted from the config's matrix products
     (linear layers, attention scores and values, patch embedding, projections)."""
-    if model_family(cfg) == "stripe-gru":
-        from .stripe_gru import count_macs as stripe_macs
-
-        return stripe_macs(cfg)
+    module = family_module(cfg)
+    if module is not None:
+        return module.count_macs(cfg)
     out: dict[str, int] = {}
     h, w = image_size_hw(cfg)
     v = cfg["vision_cfg"]

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .config import positive_int
 
 FAMILY = "stripe-gru"
 _TOP = {"family", "description", "name", "embed_dim", "vision_cfg", "text_cfg"}
@@ -49,17 +50,11 @@ _VISION = {"image_size", "channels", "blocks", "stripes"}
 _TEXT = {"context_length", "vocab_size", "width", "hidden", "layers"}
 
 
-def _pos_int(value: Any, key: str, source: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{source}: '{key}' must be a positive integer, got {value!r}")
-    return value
-
-
 def _int_list(value: Any, key: str, source: str, length: int | None = None) -> list[int]:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{source}: '{key}' must be a non-empty list of positive integers, got {value!r}")
     for i, v in enumerate(value):
-        _pos_int(v, f"{key}[{i}]", source)
+        positive_int(v, f"{key}[{i}]", source)
     if length is not None and len(value) != length:
         raise ConfigError(f"{source}: '{key}' needs {length} entries (one per stage after the stem), got {len(value)}")
     return list(value)
@@ -74,7 +69,7 @@ def validate(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:
             raise ConfigError(f"{source}: missing key '{key}'")
-    _pos_int(cfg["embed_dim"], "embed_dim", source)
+    positive_int(cfg["embed_dim"], "embed_dim", source)
     v, t = cfg["vision_cfg"], cfg["text_cfg"]
     for tower, keys, allowed in (("vision_cfg", v, _VISION), ("text_cfg", t, _TEXT)):
         if not isinstance(keys, dict):
@@ -90,13 +85,13 @@ def validate(cfg: dict[str, Any], source: str) -> dict[str, Any]:
         raise ConfigError(f"{source}: 'vision_cfg.channels' needs the stem's width and at least one stage, "
                           f"got {channels}")
     _int_list(v["blocks"], "vision_cfg.blocks", source, len(channels) - 1)
-    stripes = _pos_int(v["stripes"], "vision_cfg.stripes", source)
+    stripes = positive_int(v["stripes"], "vision_cfg.stripes", source)
     size = v["image_size"]
     hw = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
     if not isinstance(hw, list) or len(hw) != 2:
         raise ConfigError(f"{source}: 'vision_cfg.image_size' must be an int or [height, width], got {size!r}")
     for i, s in enumerate(hw):
-        _pos_int(s, f"vision_cfg.image_size[{i}]", source)
+        positive_int(s, f"vision_cfg.image_size[{i}]", source)
     stride = 2 ** len(channels)
     if hw[0] % stride or hw[1] % stride:
         raise ConfigError(f"{source}: 'vision_cfg.image_size' {hw} is not divisible by the trunk's stride {stride} "
@@ -106,7 +101,7 @@ def validate(cfg: dict[str, Any], source: str) -> dict[str, Any]:
                           f"{hw[0] // stride} rows at image height {hw[0]}")
     v["image_size"] = list(hw)
     for key in sorted(_TEXT):
-        _pos_int(t[key], f"text_cfg.{key}", source)
+        positive_int(t[key], f"text_cfg.{key}", source)
     return cfg
 
 
@@ -179,10 +174,10 @@ class StripeGRU(nn.Module):
         x = pooled @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
-        img = self.encode_image(image, normalize=True) if image is not None else None
-        txt = self.encode_text(text, normalize=True) if text is not None else None
-        return img, txt, self.logit_scale.exp()
+
+def build(cfg: dict[str, Any]) -> StripeGRU:
+    """The model of a validated config (random initialisation)."""
+    return StripeGRU(cfg)
 
 
 def config_from_model(model: StripeGRU, base: dict[str, Any]) -> dict[str, Any]:
