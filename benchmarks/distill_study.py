@@ -45,6 +45,9 @@ KD_DEFAULTS: dict[str, dict[str, Any]] = {"kd_feature": {"weight": 1.0}, "kd_aff
 VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "scratch": ("random", "uniform", ()),
     "random+kd": ("random", "uniform", KD_TERMS),
+    "random+feature": ("random", "uniform", ("kd_feature",)),
+    "random+affinity": ("random", "uniform", ("kd_affinity",)),
+    "random+interactive": ("random", "uniform", ("kd_interactive",)),
     "inherit": ("inherit", "uniform", ()),
     "inherit+feature": ("inherit", "uniform", ("kd_feature",)),
     "inherit+affinity": ("inherit", "uniform", ("kd_affinity",)),
@@ -53,7 +56,9 @@ VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "importance+kd": ("inherit", "importance", KD_TERMS),
     "inherit+kd+hidden": ("inherit", "uniform", (*KD_TERMS, "kd_hidden")),
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "inherit+kd+hidden"]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "inherit+kd+hidden" and not v.startswith("random+") or v == "random+kd"]
+# families without transformer blocks (stripe-gru) cannot inherit: their study is random init with each KD term
+RANDOM_VARIANTS = ["scratch", "random+feature", "random+affinity", "random+interactive", "random+kd"]
 
 log = logging.getLogger("distill_study")
 
@@ -217,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, required=True, help="optimiser steps per variant (the same for all)")
     p.add_argument("--recipe", default="recipes/distill/synth-student.yaml", help="base distill recipe")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+                   help=f"comma-separated subset of: {', '.join(VARIANTS)}; or 'random-init' for "
+                        f"{', '.join(RANDOM_VARIANTS)} (families that cannot inherit)")
     p.add_argument("--main", default="inherit+kd", help="the variant the acceptance checks judge")
     p.add_argument("--batch-size", type=int, default=None, help="override optim.batch_size")
     p.add_argument("--device", default=None, help="override device (cpu, cuda, auto)")
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tbps_compress.config import apply_overrides, read_yaml
 
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = RANDOM_VARIANTS if args.variants == "random-init" else \
+        [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")

@@ -47,7 +47,8 @@ def one_shot(args: argparse.Namespace, criterion: str, ratio: float, seed: int) 
                 "prune.recovery_steps=0", "prune.iterative_steps=1", f"device={args.device}",
                 f"prune.global_pruning={'true' if scope == 'global' else 'false'}"]
         for tower in ("vision", "text"):
-            sets += [f"prune.{tower}.width_ratio={ratio}", f"prune.{tower}.mlp_ratio={ratio}",
+            r = ratio if tower in args.towers else 0.0
+            sets += [f"prune.{tower}.width_ratio={r}", f"prune.{tower}.mlp_ratio={r}",
                      f"prune.{tower}.head_ratio=0.0", f"prune.{tower}.drop_layers=0"]
         if args.data:
             sets.append(f"data.root={args.data}")
@@ -101,7 +102,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["# Pruning criteria: one shot, no recovery", "",
              f"Teacher `{args.teacher}` (test R@1 {t['R1']:.2f}, mAP {t['mAP']:.2f}); recipe `{args.recipe}`; "
              f"{summary['queries']} test queries. Each row removes the given fraction of the residual width and of "
-             "every MLP hidden size in both towers (heads and depth kept) and is evaluated without any recovery "
+             f"every MLP hidden size (stripe-gru: every block's inner width) in the {' and '.join(args.towers)} "
+             "tower(s) (heads and depth kept) and is evaluated without any recovery "
              "training. Noise: the larger of random's seed spread and the binomial standard error of one R@1; "
              "a criterion beats random when its margin exceeds 3 noise units.", "",
              "| width removed | non-emb. params removed | criterion | R@1 | mAP | random R@1 | noise | margin / noise "
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--criteria", nargs="+", default=["magnitude", "taylor", "lamp", "magnitude@global",
                                                        "lamp@global"])
     ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--towers", nargs="+", choices=["vision", "text"], default=["vision", "text"],
+                    help="towers whose widths are cut (the stripe-gru family: vision only; its GRU is not prunable)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[], help="extra recipe override KEY=VALUE (repeatable)")
     args = ap.parse_args(argv)

@@ -199,3 +199,22 @@ def run_cli_subprocess() -> Callable[..., CliResult]:
         return proc.returncode, proc.stdout, proc.stderr
 
     return run
+
+
+@pytest.fixture(scope="session")
+def sg_teacher(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny stripe-gru teacher trained by the trainer of `tbps-compress train` (one short epoch)."""
+    from tbps_compress.engine.train import Trainer
+    from tbps_compress.recipes import TrainRecipe
+
+    tmp = tmp_path_factory.mktemp("sg")
+    recipe = {
+        "output": str(tmp / "teacher"), "seed": 0, "device": "cpu", "data": {"root": str(tiny_dataset)},
+        "model": {"config": "test-tiny-stripe-gru", "vocab_prune": True},
+        "augment": {"image": {"pool": ["hflip"], "num_ops": 1, "hflip_swaps_left_right": True}},
+        "tricks": {"text_attn_dropout": 0.0, "freeze_patch_embed": False},
+        "losses": {"n_itc": {"weight": 1.0}},
+        "optim": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "min_lr": 1e-5, "warmup_epochs": 0.5},
+        "eval": {"batch_size": 64},
+    }
+    return Trainer(TrainRecipe.model_validate(recipe)).run()

@@ -1,5 +1,5 @@
 """The stripe-gru model family: config validation, MAC count, training, vocabulary pruning, save/load, ONNX export,
-and the block-level operations that refuse it."""
+and the block-level operations that refuse it (its structured pruning: ``test_prune_stripe.py``)."""
 
 from __future__ import annotations
 
@@ -130,23 +130,6 @@ AUG = {"image": {"pool": ["hflip"], "num_ops": 1, "hflip_swaps_left_right": True
 TRICKS = {"text_attn_dropout": 0.0, "freeze_patch_embed": False}
 
 
-@pytest.fixture(scope="module")
-def sg_teacher(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny stripe-gru teacher trained by the trainer of `tbps-compress train` (one short epoch)."""
-    from tbps_compress.engine.train import Trainer
-    from tbps_compress.recipes import TrainRecipe
-
-    tmp = tmp_path_factory.mktemp("sg")
-    recipe = {
-        "output": str(tmp / "teacher"), "seed": 0, "device": "cpu", "data": {"root": str(tiny_dataset)},
-        "model": {"config": TINY, "vocab_prune": True}, "augment": AUG, "tricks": TRICKS,
-        "losses": {"n_itc": {"weight": 1.0}},
-        "optim": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "min_lr": 1e-5, "warmup_epochs": 0.5},
-        "eval": {"batch_size": 64},
-    }
-    return Trainer(TrainRecipe.model_validate(recipe)).run()
-
-
 def test_trained_teacher_exports_and_the_onnx_graph_matches(sg_teacher: Path, tmp_path: Path, tiny_dataset: Path,
                                                             run_cli: Any) -> None:
     """`export` with its parity check; the runtime reproduces the torch embeddings (the GRU is an ONNX GRU node)."""
@@ -185,8 +168,8 @@ def _distill_recipe(tmp_path: Path, dataset: Path, teacher: Path, init: str) -> 
     return path
 
 
-def test_distils_from_random_init_and_refuses_inheritance_and_pruning(sg_teacher: Path, tmp_path: Path,
-                                                                      tiny_dataset: Path, run_cli: Any) -> None:
+def test_distils_from_random_init_and_refuses_inheritance_and_the_probe(sg_teacher: Path, tmp_path: Path,
+                                                                        tiny_dataset: Path, run_cli: Any) -> None:
     code, out, err = run_cli(["distill", str(_distill_recipe(tmp_path, tiny_dataset, sg_teacher, "random"))])
     assert code == 0, err
     art = open_artifact(tmp_path / "student-random")
@@ -194,13 +177,6 @@ def test_distils_from_random_init_and_refuses_inheritance_and_pruning(sg_teacher
     code, out, err = run_cli(["distill", str(_distill_recipe(tmp_path, tiny_dataset, sg_teacher, "inherit"))])
     assert code == 2 and "model family 'stripe-gru'" in err and "init: random" in err
     assert "Traceback" not in err and not (tmp_path / "student-inherit").exists()
-    prune = {"output": str(tmp_path / "pruned"), "seed": 0, "device": "cpu", "data": {"root": str(tiny_dataset)},
-             "teacher": {"artifact": str(sg_teacher)}, "source": str(sg_teacher),
-             "prune": {"vision": {"mlp_ratio": 0.5}}, "eval": {"batch_size": 16}}
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(prune), encoding="utf-8")
-    code, out, err = run_cli(["prune", str(tmp_path / "p.yaml")])
-    assert code == 2 and "structured pruning" in err and "stripe-gru" in err and "Traceback" not in err
-    assert not (tmp_path / "pruned").exists()
     code, out, err = run_cli(["probe", str(sg_teacher), "--data", str(tiny_dataset)])
     assert code == 2 and "module-importance probe" in err and "'stripe-gru'" in err and "Traceback" not in err
 
@@ -212,8 +188,8 @@ def test_block_operations_refuse_the_family_in_one_line(tmp_path: Path) -> None:
     model = build_model(TINY)
     with pytest.raises(ConfigError, match="model family 'stripe-gru'"):
         tower_blocks(model, "vision")
-    with pytest.raises(ConfigError, match="structured pruning .* model family 'stripe-gru' has none"):
-        check_prune_cfg(PruneCfg(), model)
+    with pytest.raises(ConfigError, match="prune.vision.drop_layers: the stripe-gru family has no transformer"):
+        check_prune_cfg(PruneCfg(vision={"drop_layers": 1}), model)
     with pytest.raises(ConfigError, match="student.init: inherit .* model family 'stripe-gru'.*init: random"):
         inherit_weights(model, _tiny(), teacher_name="runs/t")
     with pytest.raises(ConfigError, match="student.init: inherit .* model family 'stripe-gru'"):

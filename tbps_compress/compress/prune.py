@@ -13,6 +13,11 @@ What is pruned, per tower (``prune.vision`` / ``prune.text``):
   (:mod:`tbps_compress.compress.probe`) finds least important (C1, then C2), from the ``prune.probe`` table or,
   without one, from C1 measured on the validation split.
 
+Model families without transformer blocks bring their own pruner (``FAMILY_PRUNERS``: a module with ``check``,
+``sizes`` and ``prune_tower``); the schedule, recovery and artifacts below are shared. The ``stripe-gru`` family
+(:mod:`tbps_compress.compress.prune_stripe`) prunes its CNN's stage widths (``width_ratio``) and residual blocks'
+inner widths (``mlp_ratio``); its GRU text tower is not prunable.
+
 Mechanics: torch-pruning's ``BasePruner`` (a.k.a. ``MetaPruner``) builds a dependency graph on each tower
 separately (the vision tower with an example image, a text wrapper from the token embedding to the text projection
 with example tokens), with open_clip's bare parameters declared with their pruning dimension (class/position
@@ -57,6 +62,24 @@ log = logging.getLogger(__name__)
 
 TOWERS = ("vision", "text")
 STATE_FILE = "prune_state.json"
+# model family -> module pruning it (check / sizes / prune_tower), for families without transformer blocks
+FAMILY_PRUNERS = {"stripe-gru": "tbps_compress.compress.prune_stripe"}
+
+
+def family_pruner(model: nn.Module) -> Any:
+    """The pruning module of a model family without transformer blocks; None for an open_clip CLIP. A family
+    with neither raises the one-line error of :func:`~tbps_compress.models.factory.require_blocks`."""
+    import importlib
+
+    from ..models.config import model_family
+    from ..models.factory import is_blockwise, require_blocks
+
+    if is_blockwise(model):
+        return None
+    name = FAMILY_PRUNERS.get(model_family(meta_of(model).config or {}))
+    if name is None:
+        require_blocks(model, "structured pruning (tbps-compress prune)")
+    return importlib.import_module(name)
 
 # name -> (torch-pruning importance class name, kwargs, description)
 _CRITERIA: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -91,7 +114,8 @@ def make_importance(name: str) -> Any:
 # --------------------------------------------------------------------------------------------------- recipe
 class TowerPruneCfg(Strict):
     width_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the residual width (channels) removed.")
-    mlp_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of each block's MLP hidden units removed.")
+    mlp_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of each block's MLP hidden units removed "
+                                                          "(stripe-gru: each residual block's inner channels).")
     head_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of attention heads removed (whole heads).")
     drop_layers: int | list[int] = Field(
         0, description="Blocks removed: a count (the least important by the probe) or a list of block indices.")
@@ -171,8 +195,13 @@ def load_prune_recipe(path: Path, overrides: list[str] | None = None) -> PruneRe
 
 # --------------------------------------------------------------------------------------------------- sizes
 def tower_sizes(model: nn.Module, tower: str) -> dict[str, Any]:
-    """Residual width and per-block heads / head_dim / mlp_dim of a tower of a (possibly pruned) model."""
+    """Residual width and per-block heads / head_dim / mlp_dim of a tower of a (possibly pruned) model (a
+    family pruner's own sizes for a model without transformer blocks)."""
     from ..models.factory import tower_blocks
+
+    fam = family_pruner(model)
+    if fam is not None:
+        return fam.sizes(model, tower)
 
     width = int(model.visual.conv1.out_channels) if tower == "vision" else int(model.token_embedding.embedding_dim)
     blocks = [{"heads": int(b.attn.num_heads), "head_dim": int(b.attn.head_dim),
@@ -202,9 +231,10 @@ def _partial(start: int, final: int, step: int, steps: int, round_to: int | None
 
 def check_prune_cfg(cfg: PruneCfg, model: nn.Module) -> None:
     """Check ``cfg`` against the model before any work; raise a one-line :class:`ConfigError` naming the key."""
-    from ..models.factory import require_blocks
-
-    require_blocks(model, "structured pruning (tbps-compress prune)")
+    fam = family_pruner(model)
+    if fam is not None:
+        fam.check(cfg, model)
+        return
     for tower in TOWERS:
         t: TowerPruneCfg = getattr(cfg, tower)
         key = f"prune.{tower}"
@@ -258,6 +288,8 @@ def drop_layers(model: nn.Module, tower: str, indices: list[int]) -> nn.Module:
     """Remove blocks ``indices`` of ``tower`` in place (the config read back by ``config_from_model`` follows)."""
     from ..models.factory import config_from_model, tower_blocks
 
+    if not indices:
+        return model
     blocks = tower_blocks(model, tower)
     n = len(blocks)
     idx = sorted(set(int(i) for i in indices))
@@ -265,8 +297,6 @@ def drop_layers(model: nn.Module, tower: str, indices: list[int]) -> nn.Module:
         raise ConfigError(f"prune.{tower}.drop_layers: indices {idx} out of range for {n} blocks")
     if len(idx) >= n:
         raise ConfigError(f"prune.{tower}.drop_layers: cannot drop all {n} blocks")
-    if not idx:
-        return model
     kept = nn.ModuleList([b for i, b in enumerate(blocks) if i not in idx])
     transformer = model.visual.transformer if tower == "vision" else model.transformer
     transformer.resblocks = kept
@@ -487,6 +517,8 @@ def prune_widths(model: nn.Module, cfg: PruneCfg, example_batch: dict[str, torch
     from ..models.factory import config_from_model
 
     reference = reference or {t: tower_sizes(model, t) for t in TOWERS}
+    fam = family_pruner(model)
+    prune_one = prune_tower if fam is None else fam.prune_tower
     model.eval()
     importance = make_importance(cfg.criterion)
     if cfg.criterion == "taylor":
@@ -500,9 +532,12 @@ def prune_widths(model: nn.Module, cfg: PruneCfg, example_batch: dict[str, torch
         for tower in TOWERS:
             ex = example_batch["image"][:2] if tower == "vision" else example_batch["text"][:2]
             with torch.enable_grad():
-                sizes = prune_tower(model, tower, cfg, ex, reference[tower], step, steps, importance)
-            log.info("%s tower after round %d/%d: width %d, heads %s, mlp %s", tower, step, steps, sizes["width"],
-                     [b["heads"] for b in sizes["blocks"]], [b["mlp_dim"] for b in sizes["blocks"]])
+                sizes = prune_one(model, tower, cfg, ex, reference[tower], step, steps, importance)
+            if fam is not None:
+                log.info("%s tower after round %d/%d: %s", tower, step, steps, sizes)
+            else:
+                log.info("%s tower after round %d/%d: width %d, heads %s, mlp %s", tower, step, steps,
+                         sizes["width"], [b["heads"] for b in sizes["blocks"]], [b["mlp_dim"] for b in sizes["blocks"]])
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(name not in frozen)
@@ -534,8 +569,10 @@ def model_report(model: nn.Module) -> dict[str, Any]:
 
     cfg = config_from_model(model)
     macs = count_macs(cfg)
-    return {"parameters": count_parameters(model), "macs": {**macs, "total": macs["vision"] + macs["text"]},
-            "vision_layers": cfg["vision_cfg"]["layers"], "text_layers": cfg["text_cfg"]["layers"],
+    out = {"parameters": count_parameters(model), "macs": {**macs, "total": macs["vision"] + macs["text"]}}
+    if family_pruner(model) is not None:
+        return {**out, "sizes": {t: tower_sizes(model, t) for t in TOWERS}}
+    return {**out, "vision_layers": cfg["vision_cfg"]["layers"], "text_layers": cfg["text_cfg"]["layers"],
             "vision_width": cfg["vision_cfg"]["width"], "text_width": cfg["text_cfg"]["width"]}
 
 

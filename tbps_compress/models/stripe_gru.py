@@ -28,7 +28,9 @@ Config (``models/configs/synth-stripe-gru.json``)::
      "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 256, "hidden": 256, "layers": 2}}
 
 ``channels[0]`` is the stem's width; stage ``i`` (``i >= 1``) has ``blocks[i - 1]`` basic blocks of
-``channels[i]`` channels, the first with stride 2.
+``channels[i]`` channels, the first with stride 2. An optional ``inner`` (one list per stage, one width per block)
+gives each block's inner width, between its two convolutions (default: the stage's width); structured pruning
+(:mod:`tbps_compress.compress.prune_stripe`) writes it, together with the narrower ``channels``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from .config import positive_int
 FAMILY = "stripe-gru"
 _TOP = {"family", "description", "name", "embed_dim", "vision_cfg", "text_cfg"}
 _VISION = {"image_size", "channels", "blocks", "stripes"}
+_VISION_OPTIONAL = {"inner"}
 _TEXT = {"context_length", "vocab_size", "width", "hidden", "layers"}
 
 
@@ -74,7 +77,7 @@ def validate(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     for tower, keys, allowed in (("vision_cfg", v, _VISION), ("text_cfg", t, _TEXT)):
         if not isinstance(keys, dict):
             raise ConfigError(f"{source}: '{tower}' must be an object")
-        extra = set(keys) - allowed
+        extra = set(keys) - allowed - (_VISION_OPTIONAL if tower == "vision_cfg" else set())
         missing = allowed - set(keys)
         if extra:
             raise ConfigError(f"{source}: unknown key(s) {sorted(extra)} in '{tower}'; allowed: {sorted(allowed)}")
@@ -84,7 +87,16 @@ def validate(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     if len(channels) < 2:
         raise ConfigError(f"{source}: 'vision_cfg.channels' needs the stem's width and at least one stage, "
                           f"got {channels}")
-    _int_list(v["blocks"], "vision_cfg.blocks", source, len(channels) - 1)
+    blocks = _int_list(v["blocks"], "vision_cfg.blocks", source, len(channels) - 1)
+    if "inner" in v:
+        inner = v["inner"]
+        if not isinstance(inner, list) or len(inner) != len(blocks):
+            raise ConfigError(f"{source}: 'vision_cfg.inner' needs one list per stage ({len(blocks)}), got {inner!r}")
+        for i, (widths, n) in enumerate(zip(inner, blocks, strict=True)):
+            _int_list(widths, f"vision_cfg.inner[{i}]", source)
+            if len(widths) != n:
+                raise ConfigError(f"{source}: 'vision_cfg.inner[{i}]' needs one width per block of stage {i + 1} "
+                                  f"({n}), got {len(widths)}")
     stripes = positive_int(v["stripes"], "vision_cfg.stripes", source)
     size = v["image_size"]
     hw = [size, size] if isinstance(size, int) and not isinstance(size, bool) else size
@@ -105,14 +117,22 @@ def validate(cfg: dict[str, Any], source: str) -> dict[str, Any]:
     return cfg
 
 
-class DownBlock(nn.Module):
-    """A ResNet basic block (two conv3x3 + BN) with an optional stride and a 1x1 projection shortcut."""
+def inner_widths(v: dict[str, Any]) -> list[list[int]]:
+    """Each block's inner width, per stage: ``vision_cfg.inner`` when given, else the stage's width."""
+    if "inner" in v:
+        return [list(x) for x in v["inner"]]
+    return [[c] * n for c, n in zip(v["channels"][1:], v["blocks"], strict=True)]
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+
+class DownBlock(nn.Module):
+    """A ResNet basic block (two conv3x3 + BN, ``c_mid`` channels between them) with an optional stride and a 1x1
+    projection shortcut."""
+
+    def __init__(self, c_in: int, c_mid: int, c_out: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(c_in, c_mid, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_mid)
+        self.conv2 = nn.Conv2d(c_mid, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
@@ -126,14 +146,14 @@ class DownBlock(nn.Module):
 class StripeCNN(nn.Module):
     """Residual trunk to a stride-``2**len(channels)`` map; global + ``stripes`` band average pools; projection."""
 
-    def __init__(self, channels: list[int], blocks: list[int], stripes: int, embed_dim: int) -> None:
+    def __init__(self, channels: list[int], inner: list[list[int]], stripes: int, embed_dim: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, channels[0], 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels[0])
         stages = []
-        for c_in, c_out, n in zip(channels[:-1], channels[1:], blocks, strict=True):
-            stages.append(nn.Sequential(DownBlock(c_in, c_out, 2), *[DownBlock(c_out, c_out, 1)
-                                                                     for _ in range(n - 1)]))
+        for c_in, c_out, mids in zip(channels[:-1], channels[1:], inner, strict=True):
+            stages.append(nn.Sequential(*[DownBlock(c_in if j == 0 else c_out, mid, c_out, 2 if j == 0 else 1)
+                                          for j, mid in enumerate(mids)]))
         self.stages = nn.Sequential(*stages)
         self.stripes = int(stripes)
         pooled = channels[-1] * (self.stripes + 1)
@@ -153,7 +173,7 @@ class StripeGRU(nn.Module):
         super().__init__()
         v, t = cfg["vision_cfg"], cfg["text_cfg"]
         d = int(cfg["embed_dim"])
-        self.visual = StripeCNN(list(v["channels"]), list(v["blocks"]), int(v["stripes"]), d)
+        self.visual = StripeCNN(list(v["channels"]), inner_widths(v), int(v["stripes"]), d)
         self.context_length = int(t["context_length"])
         self.token_embedding = nn.Embedding(int(t["vocab_size"]), int(t["width"]))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -181,10 +201,20 @@ def build(cfg: dict[str, Any]) -> StripeGRU:
 
 
 def config_from_model(model: StripeGRU, base: dict[str, Any]) -> dict[str, Any]:
-    """The config with the token table's current size (after vocabulary pruning) and the embedding width."""
+    """The config of the model as it is: the token table's current size (after vocabulary pruning), the embedding
+    width, and the image tower's stage and inner widths (after structured pruning; ``inner`` only when a block's
+    differs from its stage's width)."""
     cfg = copy.deepcopy(base)
     cfg["text_cfg"]["vocab_size"] = int(model.token_embedding.num_embeddings)
     cfg["embed_dim"] = int(model.visual.proj.shape[1])
+    v = cfg["vision_cfg"]
+    stages = list(model.visual.stages)
+    v["channels"] = [int(model.visual.conv1.out_channels)] + [int(s[0].conv2.out_channels) for s in stages]
+    v["blocks"] = [len(s) for s in stages]
+    inner = [[int(b.conv1.out_channels) for b in s] for s in stages]
+    v.pop("inner", None)
+    if inner != inner_widths(v):
+        v["inner"] = inner
     return validate(cfg, cfg.get("name", FAMILY))
 
 
@@ -195,10 +225,11 @@ def count_macs(cfg: dict[str, Any]) -> dict[str, int]:
     ch = v["channels"]
     h, w = (h + 1) // 2, (w + 1) // 2
     macs = h * w * ch[0] * 3 * 9
-    for c_in, c_out, n in zip(ch[:-1], ch[1:], v["blocks"], strict=True):
+    for c_in, c_out, mids in zip(ch[:-1], ch[1:], inner_widths(v), strict=True):
         h, w = (h + 1) // 2, (w + 1) // 2
-        macs += h * w * (c_in * c_out * 9 + c_out * c_out * 9 + c_in * c_out)  # first block and its shortcut
-        macs += (n - 1) * h * w * 2 * c_out * c_out * 9
+        macs += h * w * c_in * c_out  # the first block's shortcut
+        for j, mid in enumerate(mids):
+            macs += h * w * ((c_in if j == 0 else c_out) * mid * 9 + mid * c_out * 9)
     vision = macs + ch[-1] * (v["stripes"] + 1) * cfg["embed_dim"]
     hidden, width, steps = t["hidden"], t["width"], t["context_length"]
     text = 0

@@ -1,0 +1,157 @@
+"""Structured pruning of the stripe-gru family's image tower: the channels a criterion picks are the ones removed
+(down to the stripe projection's rows), the pruned architecture round-trips through its config, the schedule
+runs through `tbps-compress prune`, and what the family cannot prune is refused in one line."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from tbps_compress.artifacts import open_artifact, write_artifact
+from tbps_compress.compress.prune import PruneCfg, check_prune_cfg, prune_model, tower_sizes
+from tbps_compress.errors import ConfigError
+from tbps_compress.models.config import get_model_config
+from tbps_compress.models.factory import build_model, count_macs, count_parameters
+from tbps_compress.models.io import load_model, save_model
+from tbps_compress.models.meta import meta_of
+
+# two blocks in the last stage: an identity shortcut carries the pruned channels too
+CFG: dict[str, Any] = {**copy.deepcopy(get_model_config("test-tiny-stripe-gru")), "name": "t"}
+CFG["vision_cfg"]["blocks"] = [1, 2]
+
+
+def _zero(t: torch.Tensor, idx: list[int], dim: int) -> None:
+    t.data.index_fill_(dim, torch.tensor(idx), 0.0)
+
+
+def _kill_stage_channels(visual: nn.Module, stage: int, idx: list[int]) -> None:
+    """Make channels ``idx`` of ``stage`` (-1: the stem) zero everywhere and their weights zero wherever read."""
+    stages = list(visual.stages)
+    if stage < 0:
+        producers = [(visual.conv1, visual.bn1)]
+    else:
+        producers = [(b.conv2, b.bn2) for b in stages[stage]]
+        producers += [(b.shortcut[0], b.shortcut[1]) for b in stages[stage] if isinstance(b.shortcut, nn.Sequential)]
+    for conv, bn in producers:
+        _zero(conv.weight, idx, 0)
+        _zero(bn.weight, idx, 0)
+        _zero(bn.bias, idx, 0)
+    readers = [b.conv1 for b in stages[stage][1:]] if stage >= 0 else []
+    if stage + 1 < len(stages):
+        first = stages[stage + 1][0]
+        readers += [first.conv1, first.shortcut[0]]
+    for conv in readers:
+        _zero(conv.weight, idx, 1)
+
+
+def _kill_inner_channels(block: nn.Module, idx: list[int]) -> None:
+    _zero(block.conv1.weight, idx, 0)
+    _zero(block.bn1.weight, idx, 0)
+    _zero(block.bn1.bias, idx, 0)
+    _zero(block.conv2.weight, idx, 1)
+
+
+def test_magnitude_removes_exactly_the_dead_channels_and_the_embeddings_stay(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(CFG).eval()
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    v = model.visual
+    before = tower_sizes(model, "vision")
+    assert before == {"channels": [8, 16, 32], "inner": [[16], [32, 32]]}
+    # a quarter of every group, spread over the channels (the last stage's pick is not a contiguous run, so a
+    # wrong mapping to the projection's rows would change the embedding)
+    _kill_stage_channels(v, -1, [1, 6])
+    _kill_stage_channels(v, 0, [0, 5, 9, 14])
+    _kill_stage_channels(v, 1, [2, 3, 11, 17, 20, 26, 29, 31])
+    _kill_inner_channels(v.stages[0][0], [4, 7, 8, 15])
+    for block, idx in zip(v.stages[1], ([1, 9, 10, 12, 18, 22, 25, 30], [0, 4, 8, 13, 19, 21, 27, 28]), strict=True):
+        _kill_inner_channels(block, idx)
+    images = torch.randn(3, 3, 64, 32)
+    tokens = torch.randint(1, 200, (3, 32))
+    with torch.no_grad():
+        want = model.encode_image(images)
+    full = count_parameters(model)
+    prune_model(model, PruneCfg(criterion="magnitude", vision={"width_ratio": 0.25, "mlp_ratio": 0.25}),
+                {"image": images, "text": tokens})
+    after = tower_sizes(model, "vision")
+    assert after == {"channels": [6, 12, 24], "inner": [[12], [24, 24]]}
+    assert tuple(v.proj.shape) == (24 * 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), want, atol=1e-5, rtol=1e-5)
+    params = count_parameters(model)
+    assert params["text"] == full["text"] and params["vision"] < 0.6 * full["vision"]
+    # the pruned architecture is its config: build from it, load the weights, same embeddings
+    cfg = meta_of(model).config
+    assert cfg["vision_cfg"]["channels"] == [6, 12, 24] and "inner" not in cfg["vision_cfg"]
+    with write_artifact(tmp_path / "p", stage="prune") as tmp:
+        save_model(model, tmp)
+    back = load_model(tmp_path / "p").eval()
+    assert count_parameters(back) == params
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode_image(images), want, atol=1e-5, rtol=1e-5)
+
+
+def test_uneven_inner_widths_are_written_and_counted() -> None:
+    model = build_model(CFG).eval()
+    images, tokens = torch.randn(2, 3, 64, 32), torch.randint(1, 200, (2, 32))
+    macs = count_macs(CFG)["vision"]
+    prune_model(model, PruneCfg(criterion="l1", vision={"mlp_ratio": 0.5}), {"image": images, "text": tokens})
+    v = meta_of(model).config["vision_cfg"]
+    assert v["channels"] == [8, 16, 32] and v["inner"] == [[8], [16, 16]]
+    new = count_macs(meta_of(model).config)["vision"]
+    # the inner convolutions' MACs halve, nothing else changes: count them from the modules
+    halved = 0
+    for stage, hw in zip(model.visual.stages, (16 * 8, 8 * 4), strict=True):
+        for b in stage:
+            halved += hw * 9 * (b.conv1.in_channels * b.conv1.out_channels + b.conv2.in_channels * b.conv2.out_channels)
+    assert macs - new == halved
+    rebuilt = build_model(meta_of(model).config)
+    assert count_parameters(rebuilt) == count_parameters(model)
+
+
+@pytest.mark.parametrize("prune, needle", [
+    ({"text": {"width_ratio": 0.25}}, "prune.text.width_ratio: the stripe-gru family's GRU text tower"),
+    ({"text": {"mlp_ratio": 0.25}}, "prune.text.mlp_ratio: the stripe-gru family's GRU"),
+    ({"vision": {"head_ratio": 0.5}}, "prune.vision.head_ratio: .* without attention heads"),
+    ({"vision": {"drop_layers": 1}}, "prune.vision.drop_layers: .* no transformer blocks"),
+    ({"global_pruning": True, "vision": {"mlp_ratio": 0.2}}, "prune.global_pruning: .* set it to false"),
+    ({"vision": {"width_ratio": 0.9}}, "prune.vision.width_ratio: 0.9 of 8 channels leaves none"),
+])
+def test_what_the_family_cannot_prune_is_refused_naming_the_key(prune: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        check_prune_cfg(PruneCfg.model_validate(prune), build_model(CFG))
+
+
+def test_prune_command_prunes_and_recovers_in_rounds(sg_teacher: Path, tiny_dataset: Path, tmp_path: Path,
+                                                     run_cli: Any) -> None:
+    recipe = yaml.safe_load(Path("recipes/prune/synth-stripe-gru.yaml").read_text())
+    recipe.update({"output": str(tmp_path / "pruned"), "device": "cpu", "data": {"root": str(tiny_dataset)},
+                   "teacher": {"artifact": str(sg_teacher)}, "eval": {"batch_size": 16}})
+    recipe["prune"].update({"recovery_steps": 2, "taylor_batch": 8})
+    recipe["optim"]["batch_size"] = 8
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, out, err = run_cli(["prune", str(tmp_path / "p.yaml")])
+    assert code == 0, err
+    art = open_artifact(tmp_path / "pruned")
+    report = art.metrics["prune"]
+    assert [r["step"] for r in report["rounds"]] == [1] and art.metrics["steps"] == 2
+    assert report["removed"]["parameters.text"] == 0.0 and report["removed"]["parameters.vision"] > 0.5
+    teacher = load_model(sg_teacher)
+    pruned = load_model(art.path)
+    assert pruned.visual.conv1.out_channels == 4 < teacher.visual.conv1.out_channels  # 8 channels, 40% removed
+    # a text ratio: one line, exit 2, nothing written
+    recipe["prune"]["text"]["width_ratio"] = 0.25
+    recipe["output"] = str(tmp_path / "pruned-text")
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    code, out, err = run_cli(["prune", str(tmp_path / "q.yaml")])
+    assert code == 2 and "prune.text.width_ratio" in err and "Traceback" not in err
+    assert not (tmp_path / "pruned-text").exists()
