@@ -102,7 +102,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["# Pruning criteria: one shot, no recovery", "",
              f"Teacher `{args.teacher}` (test R@1 {t['R1']:.2f}, mAP {t['mAP']:.2f}); recipe `{args.recipe}`; "
              f"{summary['queries']} test queries. Each row removes the given fraction of the residual width and of "
-             f"every MLP hidden size (stripe-gru: every block's inner width) in the {' and '.join(args.towers)} "
+             "every MLP hidden size (stripe-gru: every block's inner width, the GRU's hidden units) in the "
+             f"{' and '.join(args.towers)} "
              "tower(s) (heads and depth kept) and is evaluated without any recovery "
              "training. Noise: the larger of random's seed spread and the binomial standard error of one R@1; "
              "a criterion beats random when its margin exceeds 3 noise units.", "",
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "lamp@global"])
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--towers", nargs="+", choices=["vision", "text"], default=["vision", "text"],
-                    help="towers whose widths are cut (the stripe-gru family: vision only; its GRU is not prunable)")
+                    help="towers whose widths are cut (default both)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[], help="extra recipe override KEY=VALUE (repeatable)")
     args = ap.parse_args(argv)

@@ -100,6 +100,66 @@ def test_magnitude_removes_exactly_the_dead_channels_and_the_embeddings_stay(tmp
         torch.testing.assert_close(back.encode_image(images), want, atol=1e-5, rtol=1e-5)
 
 
+def _kill_gru_units(model: nn.Module, layer: int, direction: int, idx: list[int]) -> None:
+    """GRU hidden units whose gates have no weights stay 0 from the zero initial state: zero them and their readers."""
+    gru, h = model.gru, model.gru.hidden_size
+    d = "_reverse" if direction else ""
+    rows = [u + g * h for g in range(3) for u in idx]
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        _zero(getattr(gru, f"{name}_l{layer}{d}"), rows, 0)
+    _zero(getattr(gru, f"weight_hh_l{layer}{d}"), idx, 1)
+    cols = [u + direction * h for u in idx]
+    if layer + 1 < gru.num_layers:
+        for nd in ("", "_reverse"):
+            _zero(getattr(gru, f"weight_ih_l{layer + 1}{nd}"), cols, 1)
+    else:
+        _zero(model.text_projection, cols, 0)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "l1", "lamp"])
+def test_the_gru_loses_exactly_its_dead_units_and_the_text_embeddings_stay(criterion: str) -> None:
+    cfg = copy.deepcopy(CFG)
+    cfg["text_cfg"].update({"layers": 2, "width": 16, "hidden": 8})
+    torch.manual_seed(1)
+    model = build_model(cfg).eval()
+    dead = {(0, 0): [1, 6], (0, 1): [0, 3], (1, 0): [2, 7], (1, 1): [4, 5]}  # (layer, direction): units
+    for (layer, direction), idx in dead.items():
+        _kill_gru_units(model, layer, direction, idx)
+    _zero(model.token_embedding.weight, [3, 8, 9, 12], 1)  # embedding columns nobody reads
+    for d in ("", "_reverse"):
+        _zero(getattr(model.gru, f"weight_ih_l0{d}"), [3, 8, 9, 12], 1)
+    tokens = torch.randint(1, 200, (4, 32))
+    tokens[:, 20:] = 0
+    with torch.no_grad():
+        want = model.encode_text(tokens)
+    prune_model(model, PruneCfg(criterion=criterion, text={"width_ratio": 0.25, "mlp_ratio": 0.25}),
+                {"image": torch.randn(2, 3, 64, 32), "text": tokens})
+    assert tower_sizes(model, "text") == {"width": 12, "hidden": 6, "layers": 2}
+    assert tuple(model.text_projection.shape) == (12, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), want, atol=1e-5, rtol=1e-5)
+    t = meta_of(model).config["text_cfg"]
+    assert (t["width"], t["hidden"]) == (12, 6)
+    assert count_parameters(build_model(meta_of(model).config)) == count_parameters(model)
+
+
+def test_taylor_and_random_prune_the_gru_to_the_asked_size() -> None:
+    from tbps_compress.compress.prune import taylor_gradients
+
+    images, tokens = torch.randn(4, 3, 64, 32), torch.randint(1, 200, (4, 32))
+    for criterion in ("taylor", "random"):
+        torch.manual_seed(0)
+        model = build_model(CFG)
+        cfg = PruneCfg(criterion=criterion, text={"mlp_ratio": 0.5}, vision={"width_ratio": 0.5})
+        prune_model(model, cfg, {"image": images, "text": tokens})
+        assert tower_sizes(model, "text")["hidden"] == 16 and tower_sizes(model, "vision")["channels"] == [4, 8, 16]
+        with torch.no_grad():
+            assert model.encode_text(tokens).shape == (4, 32)
+    model = build_model(CFG)
+    taylor_gradients(model, {"image": images, "text": tokens})
+    assert model.gru.weight_hh_l0.grad is not None
+
+
 def test_uneven_inner_widths_are_written_and_counted() -> None:
     model = build_model(CFG).eval()
     images, tokens = torch.randn(2, 3, 64, 32), torch.randint(1, 200, (2, 32))
@@ -119,8 +179,8 @@ def test_uneven_inner_widths_are_written_and_counted() -> None:
 
 
 @pytest.mark.parametrize("prune, needle", [
-    ({"text": {"width_ratio": 0.25}}, "prune.text.width_ratio: the stripe-gru family's GRU text tower"),
-    ({"text": {"mlp_ratio": 0.25}}, "prune.text.mlp_ratio: the stripe-gru family's GRU"),
+    ({"text": {"head_ratio": 0.25}}, "prune.text.head_ratio: .* a GRU without attention heads"),
+    ({"text": {"mlp_ratio": 0.99}}, "prune.text.mlp_ratio: 0.99 of 32 channels leaves none"),
     ({"vision": {"head_ratio": 0.5}}, "prune.vision.head_ratio: .* without attention heads"),
     ({"vision": {"drop_layers": 1}}, "prune.vision.drop_layers: .* no transformer blocks"),
     ({"global_pruning": True, "vision": {"mlp_ratio": 0.2}}, "prune.global_pruning: .* set it to false"),
@@ -148,10 +208,10 @@ def test_prune_command_prunes_and_recovers_in_rounds(sg_teacher: Path, tiny_data
     teacher = load_model(sg_teacher)
     pruned = load_model(art.path)
     assert pruned.visual.conv1.out_channels == 4 < teacher.visual.conv1.out_channels  # 8 channels, 40% removed
-    # a text ratio: one line, exit 2, nothing written
-    recipe["prune"]["text"]["width_ratio"] = 0.25
-    recipe["output"] = str(tmp_path / "pruned-text")
+    # heads asked of the GRU: one line, exit 2, nothing written
+    recipe["prune"]["text"]["head_ratio"] = 0.5
+    recipe["output"] = str(tmp_path / "pruned-heads")
     (tmp_path / "q.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     code, out, err = run_cli(["prune", str(tmp_path / "q.yaml")])
-    assert code == 2 and "prune.text.width_ratio" in err and "Traceback" not in err
-    assert not (tmp_path / "pruned-text").exists()
+    assert code == 2 and "prune.text.head_ratio" in err and "Traceback" not in err
+    assert not (tmp_path / "pruned-heads").exists()

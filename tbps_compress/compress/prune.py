@@ -16,7 +16,8 @@ What is pruned, per tower (``prune.vision`` / ``prune.text``):
 Model families without transformer blocks bring their own pruner (``FAMILY_PRUNERS``: a module with ``check``,
 ``sizes`` and ``prune_tower``); the schedule, recovery and artifacts below are shared. The ``stripe-gru`` family
 (:mod:`tbps_compress.compress.prune_stripe`) prunes its CNN's stage widths (``width_ratio``) and residual blocks'
-inner widths (``mlp_ratio``); its GRU text tower is not prunable.
+inner widths (``mlp_ratio``), and its text tower's token width (``width_ratio``) and GRU hidden units
+(``mlp_ratio``).
 
 Mechanics: torch-pruning's ``BasePruner`` (a.k.a. ``MetaPruner``) builds a dependency graph on each tower
 separately (the vision tower with an example image, a text wrapper from the token embedding to the text projection
@@ -115,7 +116,8 @@ def make_importance(name: str) -> Any:
 class TowerPruneCfg(Strict):
     width_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the residual width (channels) removed.")
     mlp_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of each block's MLP hidden units removed "
-                                                          "(stripe-gru: each residual block's inner channels).")
+                                                          "(stripe-gru: each residual block's inner channels; the "
+                                                          "GRU's hidden units).")
     head_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of attention heads removed (whole heads).")
     drop_layers: int | list[int] = Field(
         0, description="Blocks removed: a count (the least important by the probe) or a list of block indices.")

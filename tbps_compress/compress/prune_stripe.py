@@ -1,6 +1,6 @@
 """Structured pruning of the ``stripe-gru`` family's image tower (:mod:`tbps_compress.models.stripe_gru`).
 
-What is pruned (``prune.vision``; the GRU text tower is not prunable, so every ``prune.text`` ratio must be 0):
+What is pruned, image tower (``prune.vision``):
 
 - ``width_ratio``: the channels of the stem and of every stage. A stage's channels form one torch-pruning group
   (every block's second convolution and BN, the first block's shortcut, the residual additions and the next
@@ -8,6 +8,14 @@ What is pruned (``prune.vision``; the GRU text tower is not prunable, so every `
   projection ``visual.proj``.
 - ``mlp_ratio``: each residual block's inner channels (between its two convolutions), the analogue of a
   transformer block's MLP width.
+
+Text tower (``prune.text``):
+
+- ``width_ratio``: the token embedding's width (the GRU's input features).
+- ``mlp_ratio``: the GRU's hidden units. ``nn.GRU`` has one hidden size for every layer and direction, so each
+  layer and direction loses the same number of units, each its own least important ones; a unit takes its three
+  gate rows of the input and recurrent weights and biases, its recurrent column, and the columns (next layer) or
+  rows (``text_projection``) that read it.
 
 Heads, depth (``drop_layers``) and ``global_pruning`` do not apply to this family and are refused.
 
@@ -18,6 +26,11 @@ pooling concatenates, for each channel ``c``, its whole-image mean and its ``str
 owns rows ``c * (stripes + 1) ... c * (stripes + 1) + stripes`` of ``visual.proj``, and those rows follow the last
 stage's pruned channels by hand (torch-pruning cannot map channels through that band layout). The criteria score
 a group by its convolution and BN weights (the projection rows are not part of the score).
+
+torch-pruning has no GRU pruner, so the text tower is pruned by hand here: the same criteria by name (magnitude /
+l2 / lamp: squared weights; l1: absolute weights; taylor: ``|w * dL/dw|``; random), summed over every weight a unit
+owns or is read by. Within one layer LAMP ranks as magnitude does, so with per-layer fractions they keep the same
+units (as torch-pruning's LAMP does for the image tower's per-group fractions).
 """
 
 from __future__ import annotations
@@ -55,11 +68,9 @@ def check(cfg: Any, model: nn.Module) -> None:
     """Refuse what this family cannot prune, and ratios that leave no channels, in one line naming the key."""
     from .prune import _keep
 
-    t = cfg.text
-    for key in ("width_ratio", "mlp_ratio", "head_ratio"):
-        if getattr(t, key) > 0:
-            raise ConfigError(f"prune.text.{key}: the stripe-gru family's GRU text tower is not prunable; set it to 0 "
-                              "(prune.vision.width_ratio / mlp_ratio prune the image tower)")
+    if cfg.text.head_ratio > 0:
+        raise ConfigError("prune.text.head_ratio: the stripe-gru family's text tower is a GRU without attention "
+                          "heads; set it to 0 (prune.text.mlp_ratio prunes its hidden units)")
     for tower in ("vision", "text"):
         if getattr(cfg, tower).drop_count():
             raise ConfigError(f"prune.{tower}.drop_layers: the stripe-gru family has no transformer blocks to drop; "
@@ -70,27 +81,30 @@ def check(cfg: Any, model: nn.Module) -> None:
     if cfg.global_pruning:
         raise ConfigError("prune.global_pruning: the stripe-gru family is pruned by the same fraction in every "
                           "stage and block; set it to false")
-    s = sizes(model, "vision")
+    s, t = sizes(model, "vision"), sizes(model, "text")
     rt = cfg.round_to
-    for key, widths in (("width_ratio", s["channels"]), ("mlp_ratio", [w for st in s["inner"] for w in st])):
-        ratio = getattr(cfg.vision, key)
+    for tower, key, widths in (("vision", "width_ratio", s["channels"]),
+                               ("vision", "mlp_ratio", [w for st in s["inner"] for w in st]),
+                               ("text", "width_ratio", [t["width"]]), ("text", "mlp_ratio", [t["hidden"]])):
+        ratio = getattr(getattr(cfg, tower), key)
         if ratio > 0:
             for w in widths:
                 if _keep(w, ratio, rt) < max(1, rt or 1):
-                    raise ConfigError(f"prune.vision.{key}: {ratio} of {w} channels leaves none"
+                    raise ConfigError(f"prune.{tower}.{key}: {ratio} of {w} channels leaves none"
                                       + (f" once rounded to round_to={rt}" if rt else "") + "; use a smaller ratio")
 
 
 def prune_tower(model: nn.Module, tower: str, cfg: Any, example: torch.Tensor, reference: dict[str, Any],
                 step: int = 1, steps: int = 1, importance: Any = None) -> dict[str, Any]:
-    """One round of stage-width and inner-width pruning of the image tower toward ``step``/``steps`` of the final
-    targets (relative to ``reference``, the sizes before the first round). The text tower is left as it is."""
+    """One round of pruning ``tower`` toward ``step``/``steps`` of the final targets (relative to ``reference``,
+    the sizes before the first round): stage and inner widths of the image tower, or embedding width and GRU
+    hidden units of the text tower."""
     import torch_pruning as tp
 
     from .prune import _check_group_ignoring_output, _keep, _partial, _rel_ratio, make_importance
 
     if tower == "text":
-        return sizes(model, "text")
+        return _prune_text(model, cfg, reference, step, steps)
     t, rt = cfg.vision, cfg.round_to
     v = model.visual
     cur = sizes(model, "vision")
@@ -130,3 +144,79 @@ def prune_tower(model: nn.Module, tower: str, cfg: Any, example: torch.Tensor, r
         keep = [r for r in range(v.proj.shape[0]) if r not in gone]
         v.proj = nn.Parameter(v.proj.detach()[keep].clone(), requires_grad=v.proj.requires_grad)
     return sizes(model, "vision")
+
+
+# ------------------------------------------------------------------------------------------------ GRU text tower
+def _elementwise(w: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Per-weight importance of a criterion (summed over what a unit owns; see the module docstring)."""
+    if criterion == "taylor":
+        if w.grad is None:
+            raise RuntimeError("the taylor criterion needs gradients: call prune.taylor_gradients first")
+        return (w.detach() * w.grad).abs()
+    if criterion == "l1":
+        return w.detach().abs()
+    return w.detach().float() ** 2
+
+
+def _top(scores: torch.Tensor, keep: int, criterion: str) -> torch.Tensor:
+    """Indices (sorted) of the ``keep`` highest scores; random scores for the random criterion."""
+    if criterion == "random":
+        scores = torch.rand(scores.shape[0])
+    return torch.sort(torch.topk(scores, keep).indices).values
+
+
+def _gate_rows(units: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Rows of a GRU weight (reset, update and new gates stacked) that belong to ``units``."""
+    return torch.cat([units + g * hidden for g in range(3)])
+
+
+def _prune_text(model: nn.Module, cfg: Any, reference: dict[str, Any], step: int, steps: int) -> dict[str, Any]:
+    from .prune import _keep, _partial
+
+    t, rt, crit = cfg.text, cfg.round_to, cfg.criterion
+    cur = sizes(model, "text")
+    width = _partial(reference["width"], _keep(reference["width"], t.width_ratio, rt), step, steps, rt)
+    hidden = _partial(reference["hidden"], _keep(reference["hidden"], t.mlp_ratio, rt), step, steps, rt)
+    if width >= cur["width"] and hidden >= cur["hidden"]:
+        return cur
+    gru, emb, proj = model.gru, model.token_embedding, model.text_projection
+    h_old, layers = cur["hidden"], cur["layers"]
+    w = {name: p for name, p in gru.named_parameters()}
+    dirs = ("", "_reverse")
+    # the embedding's columns: their own weights and the first layer's input columns, both directions
+    e_score = _elementwise(emb.weight, crit).sum(0)
+    for d in dirs:
+        e_score = e_score + _elementwise(w[f"weight_ih_l0{d}"], crit).sum(0)
+    cols = _top(e_score, width, crit) if width < cur["width"] else torch.arange(cur["width"])
+    keep: list[list[torch.Tensor]] = []
+    for layer in range(layers):
+        nxt = [w[f"weight_ih_l{layer + 1}{d}"] for d in dirs] if layer + 1 < layers else None
+        per_dir = []
+        for k, d in enumerate(dirs):
+            own = sum(_elementwise(w[f"{n}_l{layer}{d}"], crit).view(3, h_old, -1).sum(2)
+                      for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if f"{n}_l{layer}{d}" in w)
+            score = own.sum(0) + _elementwise(w[f"weight_hh_l{layer}{d}"], crit).sum(0)
+            readers = [_elementwise(x, crit)[:, k * h_old:(k + 1) * h_old].sum(0) for x in nxt] if nxt else \
+                [_elementwise(proj, crit)[k * h_old:(k + 1) * h_old].sum(1)]
+            score = score + sum(readers)
+            per_dir.append(_top(score, hidden, crit) if hidden < h_old else torch.arange(h_old))
+        keep.append(per_dir)
+    new = nn.GRU(width, hidden, num_layers=layers, batch_first=gru.batch_first, bidirectional=True,
+                 bias=gru.bias)
+    with torch.no_grad():
+        for layer in range(layers):
+            prev = cols if layer == 0 else torch.cat([keep[layer - 1][0], keep[layer - 1][1] + h_old])
+            for k, d in enumerate(dirs):
+                rows = _gate_rows(keep[layer][k], h_old)
+                getattr(new, f"weight_ih_l{layer}{d}").copy_(w[f"weight_ih_l{layer}{d}"][rows][:, prev])
+                getattr(new, f"weight_hh_l{layer}{d}").copy_(w[f"weight_hh_l{layer}{d}"][rows][:, keep[layer][k]])
+                if gru.bias:
+                    for n in ("bias_ih", "bias_hh"):
+                        getattr(new, f"{n}_l{layer}{d}").copy_(w[f"{n}_l{layer}{d}"][rows])
+        last = torch.cat([keep[-1][0], keep[-1][1] + h_old])
+        model.gru = new
+        table = nn.Embedding(emb.num_embeddings, width)
+        table.weight.copy_(emb.weight[:, cols])
+        model.token_embedding = table
+        model.text_projection = nn.Parameter(proj.detach()[last].clone())
+    return sizes(model, "text")

@@ -201,11 +201,14 @@ def build(cfg: dict[str, Any]) -> StripeGRU:
 
 
 def config_from_model(model: StripeGRU, base: dict[str, Any]) -> dict[str, Any]:
-    """The config of the model as it is: the token table's current size (after vocabulary pruning), the embedding
-    width, and the image tower's stage and inner widths (after structured pruning; ``inner`` only when a block's
-    differs from its stage's width)."""
+    """The config of the model as it is: the token table's current size (after vocabulary pruning), the joint
+    embedding width, and after structured pruning the token width and GRU hidden size and the image tower's stage
+    and inner widths (``inner`` only when a block's differs from its stage's width)."""
     cfg = copy.deepcopy(base)
-    cfg["text_cfg"]["vocab_size"] = int(model.token_embedding.num_embeddings)
+    t = cfg["text_cfg"]
+    t["vocab_size"] = int(model.token_embedding.num_embeddings)
+    t["width"] = int(model.token_embedding.embedding_dim)
+    t["hidden"] = int(model.gru.hidden_size)
     cfg["embed_dim"] = int(model.visual.proj.shape[1])
     v = cfg["vision_cfg"]
     stages = list(model.visual.stages)
