@@ -204,10 +204,11 @@ def test_prune_command_prunes_and_recovers_in_rounds(sg_teacher: Path, tiny_data
     art = open_artifact(tmp_path / "pruned")
     report = art.metrics["prune"]
     assert [r["step"] for r in report["rounds"]] == [1] and art.metrics["steps"] == 2
-    assert report["removed"]["parameters.text"] == 0.0 and report["removed"]["parameters.vision"] > 0.5
+    assert report["removed"]["parameters.text"] > 0.4 and report["removed"]["parameters.vision"] > 0.4
     teacher = load_model(sg_teacher)
     pruned = load_model(art.path)
-    assert pruned.visual.conv1.out_channels == 4 < teacher.visual.conv1.out_channels  # 8 channels, 40% removed
+    assert pruned.visual.conv1.out_channels == 5 < teacher.visual.conv1.out_channels  # 8 channels, 31% removed
+    assert pruned.gru.hidden_size == 22 < teacher.gru.hidden_size  # 32 units
     # heads asked of the GRU: one line, exit 2, nothing written
     recipe["prune"]["text"]["head_ratio"] = 0.5
     recipe["output"] = str(tmp_path / "pruned-heads")
