@@ -1,17 +1,17 @@
-"""The studies' GPU run: the reference teacher trained on the GPU, its student distilled, both exported and
-benchmarked there (PyTorch fp32 / fp16 / bf16, optionally compiled; onnxruntime's CUDA and TensorRT providers where
-present). One prepared run for a lent GPU machine, bounded by per-stage time budgets (about 8 minutes in all).
+"""The studies' GPU run: the reference teacher trained on the GPU, its student distilled and the teacher pruned
+(with recovery), teacher and student exported, all benchmarked there (PyTorch fp32 / fp16 / bf16, optionally
+compiled; onnxruntime's CUDA and TensorRT providers where present). One prepared run for a lent GPU machine,
+bounded by per-stage time budgets (about 8 minutes in all).
 
     PYTHONPATH=. python -m benchmarks.gpu_studies --data data/synthpedes --out "$OUT/gpu-studies"
     python -m benchmarks.gpu_studies --data tests-data --out /tmp/dry --dry-run     # CPU, tiny model, 2 steps
 
 Every stage is the ordinary command (`tbps-compress train / distill / export / bench`) with `--set` overrides:
 `recipes/teacher/synth-reference.yaml` (device, bf16 autocast, DataLoader workers, a training-time budget) and
-`recipes/distill/synth-stripe-gru-student.yaml` (the teacher just trained). The reference is of the stripe-gru
-family, which structured pruning does not take (it works on transformer blocks), so the pruning recipes are not
-part of this run; `summary.md` says so. `--dry-run` runs the same commands on the CPU with the tiny stripe-gru
-config, two steps per training, the student's export only and short timings: what the tests run, so the GPU
-run cannot fail on a typo.
+`recipes/distill/synth-stripe-gru-student.yaml` and `recipes/prune/synth-stripe-gru.yaml` (the teacher just
+trained; the pruning's recovery rounds share one time budget). `--dry-run` runs the same commands on the CPU with
+the tiny stripe-gru config, two steps per training, the student's export only and short timings: what the tests
+run, so the GPU run cannot fail on a typo.
 
 Writes, under --out: `summary.md` / `summary.json` (each stage's command, exit code, wall time and metrics) and the
 bench table (`bench/bench.md`, `.csv`, `.json`, `pareto.png`); the artifacts go to `--work` (default OUT/work).
@@ -30,10 +30,11 @@ from typing import Any
 
 TEACHER = "recipes/teacher/synth-reference.yaml"
 STUDENT = "recipes/distill/synth-stripe-gru-student.yaml"
+PRUNED = "recipes/prune/synth-stripe-gru.yaml"
 
 
 def plan(data: Path, work: Path, out: Path, device: str, dry_run: bool, teacher_s: float, student_s: float,
-         compile_: bool) -> list[tuple[str, Path, list[str]]]:
+         compile_: bool, pruned_s: float = 50.0) -> list[tuple[str, Path, list[str]]]:
     """The (name, output folder, tbps-compress arguments) of every stage, in order."""
     common = ["--force", "--set", f"data.root={data}", "--set", f"device={device}"]
     if device.startswith("cuda"):
@@ -44,6 +45,7 @@ def plan(data: Path, work: Path, out: Path, device: str, dry_run: bool, teacher_
                 "--set", "eval.curve_every_steps=null"]
     teacher = work / "reference"
     student = work / "student"
+    pruned = work / "pruned"
     stages = [
         ("teacher", teacher, ["train", TEACHER, *common, *tiny, "--set", f"output={teacher}",
                      "--set", f"optim.time_budget_s={teacher_s}",
@@ -51,6 +53,9 @@ def plan(data: Path, work: Path, out: Path, device: str, dry_run: bool, teacher_
         ("student", student, ["distill", STUDENT, *common, *tiny, "--set", f"output={student}",
                      "--set", f"teacher.artifact={teacher}", "--set", f"optim.time_budget_s={student_s}",
                      *(["--set", "student.config=test-tiny-stripe-gru"] if dry_run else [])]),
+        ("pruned", pruned, ["prune", PRUNED, *common, *tiny, "--set", f"output={pruned}",
+                    "--set", f"teacher.artifact={teacher}", "--set", f"optim.time_budget_s={pruned_s / 2}",
+                    *(["--set", "prune.recovery_steps=1", "--set", "prune.taylor_batch=8"] if dry_run else [])]),
     ]
     # the dry run exports the student only: the teacher's export is the same command on another folder, and an
     # export of a GRU graph costs the CPU about a minute
@@ -58,7 +63,7 @@ def plan(data: Path, work: Path, out: Path, device: str, dry_run: bool, teacher_
         dest = work / f"{name}-onnx"
         stages.append((f"{name}-onnx", dest, ["export", str(src), "--out", str(dest), "--force",
                                               *([] if dry_run else ["--fp16"])]))
-    bench = ["bench", str(teacher), str(student), *([] if dry_run else [str(work / "teacher-onnx")]),
+    bench = ["bench", str(teacher), str(student), str(pruned), *([] if dry_run else [str(work / "teacher-onnx")]),
              str(work / "student-onnx"),
              "--data", str(data), "--device", device, "--runtimes", "torch,onnxruntime", "--batch", "1,32",
              "--out", str(out / "bench"), "--force"]
@@ -87,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="artifact folder (default OUT/work)")
     ap.add_argument("--device", default=None, help="default: cuda, or cpu with --dry-run")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, two steps: checks the commands")
-    ap.add_argument("--teacher-s", type=float, default=240.0, help="training-time budget of the teacher")
+    ap.add_argument("--teacher-s", type=float, default=210.0, help="training-time budget of the teacher")
     ap.add_argument("--student-s", type=float, default=90.0, help="training-time budget of the student")
+    ap.add_argument("--pruned-s", type=float, default=50.0, help="training-time budget of the pruning's recovery "
+                                                                   "(both rounds together)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile in the bench")
     args = ap.parse_args(argv)
     device = args.device or ("cpu" if args.dry_run else "cuda")
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     rows: list[dict[str, Any]] = []
-    stages = plan(args.data, work, args.out, device, args.dry_run, args.teacher_s, args.student_s, args.compile)
+    stages = plan(args.data, work, args.out, device, args.dry_run, args.teacher_s, args.student_s, args.compile,
+                  args.pruned_s)
     for name, folder, cmd in stages:
         t0 = time.time()
         with open(args.out / f"{name}.log", "w", encoding="utf-8") as log:
@@ -117,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['stage']} | {r['exit']} | {r['wall_s']} | {r.get('steps', '')} | "
                      f"{r.get('train_seconds', '')} | {r.get('R1', '')} | {r.get('mAP', '')} |")
-    lines += ["", "Pruning: not run; the reference teacher is of the stripe-gru family, and structured pruning works "
-              "on transformer blocks.", "", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows]
     (args.out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out / "summary.json").write_text(json.dumps({"device": device, "dry_run": args.dry_run, "stages": rows},
                                                       indent=2) + "\n", encoding="utf-8")

@@ -106,7 +106,8 @@ def markdown(summary: dict[str, Any], args: argparse.Namespace) -> str:
              f"{' and '.join(args.towers)} "
              "tower(s) (heads and depth kept) and is evaluated without any recovery "
              "training. Noise: the larger of random's seed spread and the binomial standard error of one R@1; "
-             "a criterion beats random when its margin exceeds 3 noise units.", "",
+             "a criterion beats random when its margin exceeds 3 noise units."
+             + (f" Recipe overrides: {', '.join(f'`{x}`' for x in args.set)}." if args.set else ""), "",
              "| width removed | non-emb. params removed | criterion | R@1 | mAP | random R@1 | noise | margin / noise "
              "| beats random |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---|"]

@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 
 from tbps_compress.artifacts import open_artifact, write_artifact
-from tbps_compress.compress.prune import PruneCfg, check_prune_cfg, prune_model, tower_sizes
+from tbps_compress.compress.prune import PruneCfg, check_prune_cfg, prune_model, recalibrate_batchnorm, tower_sizes
 from tbps_compress.errors import ConfigError
 from tbps_compress.models.config import get_model_config
 from tbps_compress.models.factory import build_model, count_macs, count_parameters
@@ -196,7 +196,7 @@ def test_prune_command_prunes_and_recovers_in_rounds(sg_teacher: Path, tiny_data
     recipe = yaml.safe_load(Path("recipes/prune/synth-stripe-gru.yaml").read_text())
     recipe.update({"output": str(tmp_path / "pruned"), "device": "cpu", "data": {"root": str(tiny_dataset)},
                    "teacher": {"artifact": str(sg_teacher)}, "eval": {"batch_size": 16}})
-    recipe["prune"].update({"recovery_steps": 2, "taylor_batch": 8})
+    recipe["prune"].update({"recovery_steps": 2, "taylor_batch": 8, "bn_recalibration": 16})
     recipe["optim"]["batch_size"] = 8
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
     code, out, err = run_cli(["prune", str(tmp_path / "p.yaml")])
@@ -216,3 +216,23 @@ def test_prune_command_prunes_and_recovers_in_rounds(sg_teacher: Path, tiny_data
     code, out, err = run_cli(["prune", str(tmp_path / "q.yaml")])
     assert code == 2 and "prune.text.head_ratio" in err and "Traceback" not in err
     assert not (tmp_path / "pruned-heads").exists()
+
+
+def test_batchnorm_recalibration_measures_the_pruned_model() -> None:
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    prune_model(model, PruneCfg(criterion="l1", vision={"width_ratio": 0.5, "mlp_ratio": 0.5}),
+                {"image": torch.randn(2, 3, 64, 32), "text": torch.randint(1, 200, (2, 32))})
+    bn = model.visual.bn1
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(9.0)
+    images = torch.randn(12, 3, 64, 32)
+    model.train()
+    assert recalibrate_batchnorm(model, images, batch_size=4) == sum(
+        isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        pre = model.visual.conv1(images)
+    # three equal batches, a cumulative average: the mean over all 12 images
+    torch.testing.assert_close(bn.running_mean, pre.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
+    assert model.training and bn.momentum == 0.1  # the model's mode and the layer's momentum are restored
+    assert recalibrate_batchnorm(model, images[:0]) == 0

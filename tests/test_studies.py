@@ -80,8 +80,8 @@ def test_gpu_studies_dry_run_runs_every_stage_on_cpu(benchmark_script, tiny_data
     out = tmp_path / "gpu"
     assert mod.main(["--data", str(tiny_dataset), "--out", str(out), "--dry-run"]) == 0
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "student-onnx", "bench"]
-    assert summary["stages"][0]["steps"] == 2 and "R1" in summary["stages"][1]
+    assert [r["stage"] for r in summary["stages"]] == ["teacher", "student", "pruned", "student-onnx", "bench"]
+    assert summary["stages"][0]["steps"] == 2 and "R1" in summary["stages"][1] and "R1" in summary["stages"][2]
     assert (out / "bench" / "bench.md").is_file() and "| teacher |" in (out / "summary.md").read_text()
     with pytest.raises(SystemExit, match="no reid_raw.json"):
         mod.main(["--data", str(tmp_path / "none"), "--out", str(out), "--dry-run"])

@@ -152,6 +152,11 @@ class PruneCfg(Strict):
     probe: str | None = Field(None, description="Probe table (probe.json or its folder) ranking blocks for "
                                                 "drop_layers counts; None = measure C1 on the val split.")
     taylor_batch: int = Field(32, ge=2, description="Training samples whose contrastive loss feeds Taylor scores.")
+    bn_recalibration: int = Field(
+        0, ge=0, description="Training images whose forward passes re-estimate every BatchNorm's running statistics "
+                             "after each pruning round, before recovery (0 = off; models without BatchNorm ignore "
+                             "it). Removing input channels shifts what each BatchNorm sees, and its stored "
+                             "statistics no longer match.")
 
     @field_validator("criterion")
     @classmethod
@@ -564,6 +569,30 @@ def prune_model(model: nn.Module, cfg: PruneCfg, example_batch: dict[str, torch.
     return prune_widths(model, cfg, example_batch)
 
 
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> int:
+    """Re-estimate every BatchNorm's running mean and variance from ``images`` (a cumulative average over the
+    batches, no gradients, the rest of the model in eval mode); return the number of BatchNorm layers reset."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(images) == 0:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts the same
+            m.train()
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                model.encode_image(images[i:i + batch_size])
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        model.train(was_training)
+    return len(bns)
+
+
 # --------------------------------------------------------------------------------------------------- reports
 def model_report(model: nn.Module) -> dict[str, Any]:
     """Parameters (total, non-embedding, per tower) and MACs per tower of one image + one caption."""
@@ -705,6 +734,8 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
             log.info("resuming after round %d/%d", start - 1, n)
     torch.manual_seed(recipe.seed)
     example = _example_batch(model, ds, recipe.prune.taylor_batch, recipe.seed)
+    calib = _example_batch(model, ds, recipe.prune.bn_recalibration, recipe.seed + 1)["image"] \
+        if recipe.prune.bn_recalibration else None
     if not state:
         scores = _layer_scores(recipe, model, splits, torch.device("cpu"))
         dropped = {t: layers_to_drop(getattr(recipe.prune, t), scores.get(t), t) for t in TOWERS}
@@ -722,6 +753,9 @@ def run_prune(recipe: PruneRecipe, *, resume: bool = False, force: bool = False,
     for i in range(start, n + 1):
         torch.manual_seed(recipe.seed + i)
         prune_widths(model, recipe.prune, example, state["reference"], step=i, steps=n)
+        if calib is not None:
+            reset = recalibrate_batchnorm(model, calib, recipe.eval.batch_size)
+            log.info("round %d/%d: %d BatchNorm layers recalibrated on %d training images", i, n, reset, len(calib))
         meta_of(model).config["description"] = (f"pruned ({recipe.prune.criterion}, round {i}/{n}) from {source_path}; "
                                             f"source: {src_art.model_config.get('description', '')}")
         after = model_report(model)
