@@ -3,7 +3,8 @@
 For each fraction of the width removed (``--ratios``, default 0.2 0.4 0.6: the residual width and every MLP hidden
 size of both towers cut by that fraction, heads and depth kept) and each criterion (``--criteria``, default magnitude,
 taylor, lamp and the global variants of magnitude and lamp; plus ``random`` with ``--random-seeds`` seeds), one
-ordinary ``run_prune`` with ``prune.recovery_steps: 0`` and one round writes an artifact whose ``metrics.json`` holds
+ordinary ``run_prune`` with ``prune.recovery_steps: 0``, one round and no BatchNorm recalibration (``--set
+prune.bn_recalibration=N`` turns it on) writes an artifact whose ``metrics.json`` holds
 its test-split metrics. Finished runs under ``OUT/runs/`` are reused when the study is re-run. A criterion written
 ``NAME@global`` ranks the MLP units across the blocks of a tower (``prune.global_pruning: true``) instead of cutting
 each block by the same fraction: LAMP rescales magnitudes within each layer, so with per-block fractions it keeps
@@ -44,7 +45,8 @@ def one_shot(args: argparse.Namespace, criterion: str, ratio: float, seed: int) 
     out = Path(args.out) / "runs" / run_name(criterion.replace("@", "-"), ratio, seed)
     if not (out / "metrics.json").is_file():
         sets = [f"teacher.artifact={args.teacher}", f"output={out}", f"seed={seed}", f"prune.criterion={name}",
-                "prune.recovery_steps=0", "prune.iterative_steps=1", f"device={args.device}",
+                "prune.recovery_steps=0", "prune.iterative_steps=1", "prune.bn_recalibration=0",
+                f"device={args.device}",
                 f"prune.global_pruning={'true' if scope == 'global' else 'false'}"]
         for tower in ("vision", "text"):
             r = ratio if tower in args.towers else 0.0
