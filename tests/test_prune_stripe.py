@@ -116,7 +116,7 @@ def _kill_gru_units(model: nn.Module, layer: int, direction: int, idx: list[int]
         _zero(model.text_projection, cols, 0)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "l1", "lamp"])
+@pytest.mark.parametrize("criterion", ["magnitude", "l1", "lamp", "bn_scale"])
 def test_the_gru_loses_exactly_its_dead_units_and_the_text_embeddings_stay(criterion: str) -> None:
     cfg = copy.deepcopy(CFG)
     cfg["text_cfg"].update({"layers": 2, "width": 16, "hidden": 8})
@@ -236,3 +236,20 @@ def test_batchnorm_recalibration_measures_the_pruned_model() -> None:
     torch.testing.assert_close(bn.running_mean, pre.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
     assert model.training and bn.momentum == 0.1  # the model's mode and the layer's momentum are restored
     assert recalibrate_batchnorm(model, images[:0]) == 0
+
+
+def test_bn_scale_prunes_the_channels_of_smallest_batchnorm_scale_and_refuses_transformers() -> None:
+    torch.manual_seed(0)
+    model = build_model(CFG).eval()
+    bn = model.visual.stages[0][0].bn1  # inner channels of the first block: 16
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(1.0, 2.0, 16))
+        bn.weight[[3, 11, 12, 14]] = 1e-3
+    conv2 = model.visual.stages[0][0].conv2
+    kept_cols = [i for i in range(16) if i not in (3, 11, 12, 14)]
+    want = conv2.weight.detach()[:, kept_cols].clone()
+    prune_model(model, PruneCfg(criterion="bn_scale", vision={"mlp_ratio": 0.25}),
+                {"image": torch.randn(2, 3, 64, 32), "text": torch.randint(1, 200, (2, 32))})
+    torch.testing.assert_close(model.visual.stages[0][0].conv2.weight.detach(), want)
+    with pytest.raises(ConfigError, match="bn_scale scores BatchNorm scales"):
+        check_prune_cfg(PruneCfg(criterion="bn_scale"), build_model("test-tiny"))

@@ -90,6 +90,8 @@ _CRITERIA: dict[str, tuple[str, dict[str, Any], str]] = {
     "taylor": ("TaylorImportance", {}, "first-order Taylor |w * dL/dw| on a contrastive loss of a training batch"),
     "lamp": ("LAMPImportance", {"p": 2}, "layer-adaptive magnitude (LAMP) scores"),
     "random": ("RandomImportance", {}, "random scores (a baseline)"),
+    "bn_scale": ("BNScaleImportance", {}, "|gamma| of the group's BatchNorm layers (network slimming); stripe-gru "
+                                          "only (its GRU, without BatchNorm, is scored by magnitude)"),
 }
 
 
@@ -242,6 +244,9 @@ def check_prune_cfg(cfg: PruneCfg, model: nn.Module) -> None:
     if fam is not None:
         fam.check(cfg, model)
         return
+    if cfg.criterion == "bn_scale":
+        raise ConfigError("prune.criterion: bn_scale scores BatchNorm scales, and a transformer's pruned groups have "
+                          "none (LayerNorm); use magnitude, taylor or lamp")
     for tower in TOWERS:
         t: TowerPruneCfg = getattr(cfg, tower)
         key = f"prune.{tower}"

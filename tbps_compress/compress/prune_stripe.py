@@ -28,9 +28,10 @@ stage's pruned channels by hand (torch-pruning cannot map channels through that 
 a group by its convolution and BN weights (the projection rows are not part of the score).
 
 torch-pruning has no GRU pruner, so the text tower is pruned by hand here: the same criteria by name (magnitude /
-l2 / lamp: squared weights; l1: absolute weights; taylor: ``|w * dL/dw|``; random), summed over every weight a unit
-owns or is read by. Within one layer LAMP ranks as magnitude does, so with per-layer fractions they keep the same
-units (as torch-pruning's LAMP does for the image tower's per-group fractions).
+l2 / lamp, and bn_scale, which has no BatchNorm to read there: squared weights; l1: absolute weights; taylor:
+``|w * dL/dw|``; random), summed over every weight a unit owns or is read by. Within one layer LAMP ranks as
+magnitude does, so with per-layer fractions they keep the same units (as torch-pruning's LAMP does for the image
+tower's per-group fractions).
 """
 
 from __future__ import annotations
