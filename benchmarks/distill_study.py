@@ -56,9 +56,10 @@ VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "importance+kd": ("inherit", "importance", KD_TERMS),
     "inherit+kd+hidden": ("inherit", "uniform", (*KD_TERMS, "kd_hidden")),
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "inherit+kd+hidden" and not v.startswith("random+") or v == "random+kd"]
 # families without transformer blocks (stripe-gru) cannot inherit: their study is random init with each KD term
 RANDOM_VARIANTS = ["scratch", "random+feature", "random+affinity", "random+interactive", "random+kd"]
+DEFAULT_VARIANTS = [v for v in VARIANTS
+                    if v not in ("inherit+kd+hidden", "random+feature", "random+affinity", "random+interactive")]
 
 log = logging.getLogger("distill_study")
 
