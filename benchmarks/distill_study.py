@@ -55,11 +55,18 @@ VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "inherit+kd": ("inherit", "uniform", KD_TERMS),
     "importance+kd": ("inherit", "importance", KD_TERMS),
     "inherit+kd+hidden": ("inherit", "uniform", (*KD_TERMS, "kd_hidden")),
+    # init from an artifact named by --init-artifact (e.g. the teacher pruned by `tbps-compress prune`)
+    "pruned+kd": ("artifact", "uniform", KD_TERMS),
 }
-# families without transformer blocks (stripe-gru) cannot inherit: their study is random init with each KD term
+# named variant lists for --variants
 RANDOM_VARIANTS = ["scratch", "random+feature", "random+affinity", "random+interactive", "random+kd"]
+# the stripe-gru family inherits its teacher pruned to narrower widths; it has no blocks to rank or hidden states
+STRIPE_VARIANTS = ["scratch", "random+kd", "inherit", "inherit+feature", "inherit+affinity", "inherit+interactive",
+                   "inherit+kd"]
+GROUPS = {"random-init": RANDOM_VARIANTS, "stripe-gru": STRIPE_VARIANTS}
 DEFAULT_VARIANTS = [v for v in VARIANTS
-                    if v not in ("inherit+kd+hidden", "random+feature", "random+affinity", "random+interactive")]
+                    if v not in ("inherit+kd+hidden", "random+feature", "random+affinity", "random+interactive",
+                                  "pruned+kd")]
 
 log = logging.getLogger("distill_study")
 
@@ -98,6 +105,10 @@ def variant_recipe(base: dict[str, Any], name: str, args: argparse.Namespace, ep
     st = data.setdefault("student", {})
     st.update({"init": init, "layer_selection": selection})
     st.pop("init_artifact", None)
+    if init == "artifact":
+        if not args.init_artifact:
+            raise SystemExit(f"variant {name}: starts from an artifact; give it with --init-artifact PATH")
+        st["init_artifact"] = args.init_artifact
     optim = data.setdefault("optim", {})
     optim["max_steps"] = args.steps
     if args.batch_size:
@@ -223,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, required=True, help="optimiser steps per variant (the same for all)")
     p.add_argument("--recipe", default="recipes/distill/synth-student.yaml", help="base distill recipe")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated subset of: {', '.join(VARIANTS)}; or 'random-init' for "
-                        f"{', '.join(RANDOM_VARIANTS)} (families that cannot inherit)")
+                   help=f"comma-separated subset of: {', '.join(VARIANTS)}; or a named list: "
+                        + "; ".join(f"'{k}' = {', '.join(v)}" for k, v in GROUPS.items()))
+    p.add_argument("--init-artifact", default=None,
+                   help="the artifact the 'pruned+kd' variant starts from (its architecture is the student's)")
     p.add_argument("--main", default="inherit+kd", help="the variant the acceptance checks judge")
     p.add_argument("--batch-size", type=int, default=None, help="override optim.batch_size")
     p.add_argument("--device", default=None, help="override device (cpu, cuda, auto)")
@@ -238,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tbps_compress.config import apply_overrides, read_yaml
 
-    names = RANDOM_VARIANTS if args.variants == "random-init" else \
-        [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = GROUPS.get(args.variants) or [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad:
         p.error(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")

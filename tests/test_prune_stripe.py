@@ -253,3 +253,73 @@ def test_bn_scale_prunes_the_channels_of_smallest_batchnorm_scale_and_refuses_tr
     torch.testing.assert_close(model.visual.stages[0][0].conv2.weight.detach(), want)
     with pytest.raises(ConfigError, match="bn_scale scores BatchNorm scales"):
         check_prune_cfg(PruneCfg(criterion="bn_scale"), build_model("test-tiny"))
+
+
+# ------------------------------------------------------------------ student.init: inherit (the teacher pruned)
+def test_inheritance_keeps_the_live_channels_and_units_of_a_stripe_gru_teacher() -> None:
+    """A student at narrower widths inherits the teacher pruned by weight magnitude: with the teacher's surplus
+    channels and units dead by construction, the student embeds exactly as the teacher does."""
+    from tbps_compress.compress.distill import InheritancePlan, inherit_weights
+
+    cfg = copy.deepcopy(CFG)
+    cfg["text_cfg"].update({"layers": 2, "width": 16, "hidden": 8})
+    torch.manual_seed(2)
+    teacher = build_model(cfg).eval()
+    for m in teacher.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    v = teacher.visual
+    _kill_stage_channels(v, -1, [0, 5])
+    _kill_stage_channels(v, 0, [1, 4, 10, 13])
+    _kill_stage_channels(v, 1, [0, 7, 8, 15, 16, 23, 24, 31])
+    _kill_inner_channels(v.stages[0][0], [2, 3, 9, 11])
+    for block, idx in zip(v.stages[1], ([3, 5, 6, 14, 17, 19, 27, 29], [1, 2, 11, 12, 20, 24, 26, 30]), strict=True):
+        _kill_inner_channels(block, idx)
+    for (layer, direction), idx in {(0, 0): [0, 5], (0, 1): [2, 7], (1, 0): [1, 3], (1, 1): [6, 4]}.items():
+        _kill_gru_units(teacher, layer, direction, idx)
+    _zero(teacher.token_embedding.weight, [0, 5, 7, 15], 1)
+    for d in ("", "_reverse"):
+        _zero(getattr(teacher.gru, f"weight_ih_l0{d}"), [0, 5, 7, 15], 1)
+    images, tokens = torch.randn(3, 3, 64, 32), torch.randint(1, 200, (3, 32))
+    tokens[:, 24:] = 0
+    with torch.no_grad():
+        want_i, want_t = teacher.encode_image(images), teacher.encode_text(tokens)
+    s_cfg = copy.deepcopy(cfg)
+    s_cfg["vision_cfg"]["channels"] = [6, 12, 24]
+    s_cfg["text_cfg"].update({"width": 12, "hidden": 6})
+    plan = InheritancePlan()
+    student = inherit_weights(teacher, s_cfg, teacher_name="runs/t", plan=plan).eval()
+    assert tower_sizes(student, "vision") == {"channels": [6, 12, 24], "inner": [[12], [24, 24]]}
+    assert plan.widths["text"] == {"width": 12, "hidden": 6, "layers": 2}
+    assert all(p.requires_grad for p in student.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(student.encode_image(images), want_i, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(student.encode_text(tokens), want_t, atol=1e-5, rtol=1e-5)
+    assert tower_sizes(teacher, "vision")["channels"] == [8, 16, 32] and teacher.gru.hidden_size == 8  # untouched
+    assert count_parameters(build_model(meta_of(student).config)) == count_parameters(student)
+
+
+@pytest.mark.parametrize("change, selection, needle", [
+    ({"vision_cfg": {"blocks": [1, 1]}}, "uniform", r"vision_cfg.blocks: \[1, 1\] is different from .*\[1, 2\]"),
+    ({"text_cfg": {"hidden": 64}}, "uniform", "student text_cfg.hidden: 64 is wider than the teacher's 32"),
+    ({"embed_dim": 16}, "uniform", "student embed_dim: 16 is different from the teacher's 32"),
+    ({}, "importance", "student.layer_selection: 'importance' ranks transformer blocks"),
+])
+def test_stripe_gru_inheritance_refuses_what_does_not_fit(change: dict[str, Any], selection: str,
+                                                          needle: str) -> None:
+    from tbps_compress.compress.distill import InheritanceError, inherit_weights
+
+    s_cfg = copy.deepcopy(CFG)
+    for key, value in change.items():
+        s_cfg[key] = {**s_cfg[key], **value} if isinstance(value, dict) else value
+    with pytest.raises(InheritanceError, match=needle):
+        inherit_weights(build_model(CFG), s_cfg, teacher_name="runs/t", layer_selection=selection)
+
+
+def test_inheritance_across_families_is_refused() -> None:
+    from tbps_compress.compress.distill import InheritanceError, inherit_weights
+
+    with pytest.raises(InheritanceError, match="student.config is of model family 'clip' and the teacher .* "
+                                               "'stripe-gru'"):
+        inherit_weights(build_model(CFG), get_model_config("test-tiny"), teacher_name="runs/t")

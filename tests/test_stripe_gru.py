@@ -3,6 +3,8 @@ and the block-level operations that refuse it (its structured pruning: ``test_pr
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -154,11 +156,11 @@ def test_trained_teacher_exports_and_the_onnx_graph_matches(sg_teacher: Path, tm
     np.testing.assert_allclose(got_i, want_i, atol=1e-4)
 
 
-def _distill_recipe(tmp_path: Path, dataset: Path, teacher: Path, init: str) -> Path:
+def _distill_recipe(tmp_path: Path, dataset: Path, teacher: Path, init: str, config: str = TINY) -> Path:
     recipe = {
         "output": str(tmp_path / f"student-{init}"), "seed": 0, "device": "cpu", "data": {"root": str(dataset)},
         "teacher": {"artifact": str(teacher)},
-        "student": {"config": TINY, "init": init, "vocab_prune": True}, "augment": AUG, "tricks": TRICKS,
+        "student": {"config": config, "init": init, "vocab_prune": True}, "augment": AUG, "tricks": TRICKS,
         "losses": {"n_itc": {"weight": 0.5}, "kd_feature": {"weight": 1.0}, "kd_affinity": {"weight": 1.0}},
         "optim": {"epochs": 1, "batch_size": 8, "max_steps": 3, "lr": 1e-3, "min_lr": 1e-5},
         "eval": {"batch_size": 16},
@@ -168,14 +170,32 @@ def _distill_recipe(tmp_path: Path, dataset: Path, teacher: Path, init: str) -> 
     return path
 
 
-def test_distils_from_random_init_and_refuses_inheritance_and_the_probe(sg_teacher: Path, tmp_path: Path,
-                                                                        tiny_dataset: Path, run_cli: Any) -> None:
+def test_distils_from_random_init_and_by_inheritance_and_refuses_the_probe(sg_teacher: Path, tmp_path: Path,
+                                                                           tiny_dataset: Path, run_cli: Any) -> None:
     code, out, err = run_cli(["distill", str(_distill_recipe(tmp_path, tiny_dataset, sg_teacher, "random"))])
     assert code == 0, err
     art = open_artifact(tmp_path / "student-random")
     assert art.metrics["steps"] == 3 and isinstance(load_model(art.path), StripeGRU)
-    code, out, err = run_cli(["distill", str(_distill_recipe(tmp_path, tiny_dataset, sg_teacher, "inherit"))])
-    assert code == 2 and "model family 'stripe-gru'" in err and "init: random" in err
+    # inheritance: the teacher pruned to a narrower student's widths, then distilled
+    narrow = _tiny()
+    narrow["vision_cfg"]["channels"] = [4, 8, 16]
+    narrow["text_cfg"].update({"width": 16, "hidden": 12})
+    (tmp_path / "narrow.json").write_text(json.dumps(narrow), encoding="utf-8")
+    recipe = _distill_recipe(tmp_path, tiny_dataset, sg_teacher, "inherit", str(tmp_path / "narrow.json"))
+    code, out, err = run_cli(["distill", str(recipe)])
+    assert code == 0, err
+    art = open_artifact(tmp_path / "student-inherit")
+    inherited = art.metrics["distill"]["inheritance"]["widths"]
+    assert inherited == {"vision": {"channels": [4, 8, 16], "inner": [[8], [16]]},
+                         "text": {"width": 16, "hidden": 12, "layers": 1}}
+    assert art.model_config["vision_cfg"]["channels"] == [4, 8, 16] and art.model_config["text_cfg"]["hidden"] == 12
+    # a student wider than its teacher: one line naming the key, nothing written
+    narrow["text_cfg"]["hidden"] = 64
+    (tmp_path / "wide.json").write_text(json.dumps(narrow), encoding="utf-8")
+    recipe = _distill_recipe(tmp_path, tiny_dataset, sg_teacher, "inherit", str(tmp_path / "wide.json"))
+    shutil.rmtree(tmp_path / "student-inherit")
+    code, out, err = run_cli(["distill", str(recipe)])
+    assert code == 2 and "student text_cfg.hidden: 64 is wider than the teacher's 32" in err
     assert "Traceback" not in err and not (tmp_path / "student-inherit").exists()
     code, out, err = run_cli(["probe", str(sg_teacher), "--data", str(tiny_dataset)])
     assert code == 2 and "module-importance probe" in err and "'stripe-gru'" in err and "Traceback" not in err
@@ -190,7 +210,6 @@ def test_block_operations_refuse_the_family_in_one_line(tmp_path: Path) -> None:
         tower_blocks(model, "vision")
     with pytest.raises(ConfigError, match="prune.vision.drop_layers: the stripe-gru family has no transformer"):
         check_prune_cfg(PruneCfg(vision={"drop_layers": 1}), model)
-    with pytest.raises(ConfigError, match="student.init: inherit .* model family 'stripe-gru'.*init: random"):
-        inherit_weights(model, _tiny(), teacher_name="runs/t")
-    with pytest.raises(ConfigError, match="student.init: inherit .* model family 'stripe-gru'"):
+    with pytest.raises(ConfigError, match="student.config is of model family 'stripe-gru' and the teacher "
+                                          r"\(runs/t\) of 'clip'.*init: random"):
         inherit_weights(build_model("test-tiny"), _tiny(), teacher_name="runs/t")

@@ -30,6 +30,21 @@ def test_distill_study_runs_each_variant_per_seed(benchmark_script, tiny_teacher
     assert "| R@1 per seed |" in table and "standard error" in table
 
 
+def test_distill_study_starts_the_pruned_variant_from_the_given_artifact(benchmark_script, tiny_teacher_artifact: Path,
+                                                                        tiny_dataset: Path, tmp_path: Path) -> None:
+    study = benchmark_script("distill_study")
+    args = ["--teacher", str(tiny_teacher_artifact), "--data", str(tiny_dataset), "--out", str(tmp_path / "s"),
+            "--steps", "2", "--batch-size", "8", "--variants", "pruned+kd",
+            "--set", "student.config=null", "--set", "student.inline=null"]
+    with pytest.raises(SystemExit, match="variant pruned\\+kd: starts from an artifact; give it with --init-artifact"):
+        study.main(args)
+    assert study.main([*args, "--init-artifact", str(tiny_teacher_artifact)]) == 0
+    row = json.loads((tmp_path / "s" / "distill_study.json").read_text())["variants"]["pruned+kd"]
+    assert row["init"] == "artifact" and row["parameters"]["non_embedding"] > 0
+    recipe = (Path(row["artifact"]) / "recipe.resolved.yaml").read_text()
+    assert str(tiny_teacher_artifact) in recipe
+
+
 @pytest.mark.slow  # two diagnose subprocesses (torch imports): about a minute; `make test-all` runs it
 def test_attribute_cost_compares_each_model_with_its_reference(tmp_path: Path) -> None:
     from benchmarks import attribute_cost

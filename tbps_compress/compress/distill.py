@@ -245,11 +245,16 @@ def _check_fits(s_cfg: dict[str, Any], t_cfg: dict[str, Any], teacher_name: str)
 
     from ..models.config import model_family
 
+    if model_family(s_cfg) != model_family(t_cfg):
+        raise InheritanceError(
+            f"student.config is of model family '{model_family(s_cfg)}' and the teacher ({teacher_name}) of "
+            f"'{model_family(t_cfg)}'; weight inheritance needs one family: pick a student config of the teacher's "
+            "family or use student.init: random (with the KD losses)")
     for who, cfg in (("student.config", s_cfg), (f"teacher ({teacher_name})", t_cfg)):
         if model_family(cfg) != "clip":
             raise InheritanceError(
-                f"student.init: inherit copies transformer blocks, and the {who} is of model family "
-                f"'{model_family(cfg)}', which has none; use student.init: random (with the KD losses) for it")
+                f"student.init: inherit has no rule for the {who}'s model family '{model_family(cfg)}'; use "
+                "student.init: random (with the KD losses) for it")
     if bool(s_cfg.get("quick_gelu")) != bool(t_cfg.get("quick_gelu")):
         fail("quick_gelu", s_cfg.get("quick_gelu"), t_cfg.get("quick_gelu"), "different from")
     if s_cfg["embed_dim"] > t_cfg["embed_dim"]:
@@ -368,9 +373,73 @@ class InheritancePlan:
 
     layers: dict[str, list[int]] = field(default_factory=dict)
     layer_selection: str = "uniform"
+    widths: dict[str, Any] | None = None  # stripe-gru: the teacher's sizes pruned to (each tower's)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "layer_selection": self.layer_selection}
+        out: dict[str, Any] = {"layers": self.layers, "layer_selection": self.layer_selection}
+        if self.widths is not None:
+            out["widths"] = self.widths
+        return out
+
+
+def _inherit_stripe(teacher: nn.Module, t_cfg: dict[str, Any], s_cfg: dict[str, Any], teacher_name: str,
+                    plan: InheritancePlan, layer_selection: str) -> nn.Module:
+    """A ``stripe-gru`` student inherited from a ``stripe-gru`` teacher: the teacher pruned, data-free, to the
+    student's widths (:mod:`.prune_stripe`: stem and stage channels, each block's inner channels, the token width
+    and the GRU's hidden units), keeping in every group the channels or units of the largest weight magnitude.
+    Depth (blocks per stage, GRU layers), stripes and the joint embedding width must equal the teacher's; the
+    input size and context length may differ (neither shapes a weight)."""
+    from ..models.factory import config_from_model
+    from ..models.stripe_gru import inner_widths
+    from . import prune_stripe
+    from .prune import make_importance
+
+    if layer_selection != "uniform":
+        raise InheritanceError(
+            f"student.layer_selection: {layer_selection!r} ranks transformer blocks, and a stripe-gru student "
+            "keeps every layer of its teacher (it inherits narrower widths); set it to uniform")
+    sv, tv, st, tt = s_cfg["vision_cfg"], t_cfg["vision_cfg"], s_cfg["text_cfg"], t_cfg["text_cfg"]
+
+    def fail(key: str, s: Any, t: Any, what: str) -> None:
+        raise InheritanceError(
+            f"student {key}: {s} is {what} the teacher's {t} ({teacher_name}); a stripe-gru student inherits its "
+            "teacher pruned to narrower widths, so it needs the teacher's depth, stripes and embed_dim and widths "
+            "no larger than the teacher's: change the student config or use student.init: random")
+
+    for key, s, t in (("embed_dim", s_cfg["embed_dim"], t_cfg["embed_dim"]),
+                      ("vision_cfg.blocks", list(sv["blocks"]), list(tv["blocks"])),
+                      ("vision_cfg.stripes", sv["stripes"], tv["stripes"]),
+                      ("text_cfg.layers", st["layers"], tt["layers"])):
+        if s != t:
+            fail(key, s, t, "different from")
+    s_inner, t_inner = inner_widths(sv), inner_widths(tv)
+    for key, s, t in (("vision_cfg.channels", list(sv["channels"]), list(tv["channels"])),
+                      ("vision_cfg.inner", [w for x in s_inner for w in x], [w for x in t_inner for w in x]),
+                      ("text_cfg.width", [st["width"]], [tt["width"]]),
+                      ("text_cfg.hidden", [st["hidden"]], [tt["hidden"]])):
+        if any(a > b for a, b in zip(s, t, strict=True)):
+            fail(key, s if len(s) > 1 else s[0], t if len(t) > 1 else t[0], "wider than")
+    student = copy.deepcopy(teacher).float().cpu()
+    for p in student.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    student.train()
+    h, w = tv["image_size"]
+    target = {"channels": list(sv["channels"]), "inner": s_inner}
+    with torch.enable_grad():  # torch-pruning traces the trunk through autograd
+        prune_stripe.prune_vision_to(student, target, torch.zeros(1, 3, h, w), make_importance("magnitude"))
+    prune_stripe.prune_text_to(student, int(st["width"]), int(st["hidden"]), "magnitude")
+    student.context_length = int(st["context_length"])
+    cfg = config_from_model(student, s_cfg)
+    if _architecture(cfg) != _architecture(s_cfg):  # the pruners' contract; a mismatch is a bug here
+        raise RuntimeError(f"stripe-gru inheritance built {cfg} instead of the student config {s_cfg}")
+    set_meta(student, config=cfg)
+    plan.layer_selection = "all layers, widths by weight magnitude"
+    plan.layers = {"vision": list(range(len(sv["blocks"]))), "text": list(range(int(st["layers"])))}
+    plan.widths = {"vision": prune_stripe.sizes(student, "vision"), "text": prune_stripe.sizes(student, "text")}
+    log.info("inherited %s from %s: the teacher pruned to vision %s, text %s (weight magnitude)",
+             s_cfg.get("name"), teacher_name, plan.widths["vision"], plan.widths["text"])
+    return student
 
 
 @torch.no_grad()
@@ -403,8 +472,12 @@ def inherit_weights(
     if s_cfg["text_cfg"]["vocab_size"] != vocab:
         log.info("student vocab_size %d -> %d (the teacher's token table)", s_cfg["text_cfg"]["vocab_size"], vocab)
         s_cfg["text_cfg"]["vocab_size"] = vocab
-    _check_fits(s_cfg, t_cfg, teacher_name)
     plan = plan if plan is not None else InheritancePlan()
+    from ..models.config import model_family
+
+    if model_family(s_cfg) == model_family(t_cfg) == "stripe-gru":
+        return _inherit_stripe(teacher, t_cfg, s_cfg, teacher_name, plan, layer_selection)
+    _check_fits(s_cfg, t_cfg, teacher_name)
     plan.layer_selection = layer_selection
     state: dict[str, Tensor] = {}
     es = torch.tensor(imp.top_k(imp.embed_dim_scores(teacher), s_cfg["embed_dim"]))
@@ -694,7 +767,9 @@ def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_reco
         torch.manual_seed(recipe.seed)
         return build_model(cfg)
     scores = None
-    if st.layer_selection == "importance":
+    from ..models.config import model_family
+
+    if st.layer_selection == "importance" and model_family(t_cfg) == "clip":
         images, tokens = _importance_batch(teacher, ds, train_records, st.importance_samples)
         scores = imp.layer_scores(teacher, images, tokens)
         log.info("layer importance: vision %s text %s", [round(float(x), 3) for x in scores["vision"]],

@@ -100,34 +100,48 @@ def prune_tower(model: nn.Module, tower: str, cfg: Any, example: torch.Tensor, r
     """One round of pruning ``tower`` toward ``step``/``steps`` of the final targets (relative to ``reference``,
     the sizes before the first round): stage and inner widths of the image tower, or embedding width and GRU
     hidden units of the text tower."""
-    import torch_pruning as tp
+    from .prune import _keep, _partial, make_importance
 
-    from .prune import _check_group_ignoring_output, _keep, _partial, _rel_ratio, make_importance
+    rt = cfg.round_to
+
+    def size(ref: int, frac: float) -> int:
+        return _partial(ref, _keep(ref, frac, rt), step, steps, rt)
 
     if tower == "text":
-        return _prune_text(model, cfg, reference, step, steps)
-    t, rt = cfg.vision, cfg.round_to
+        t = cfg.text
+        return prune_text_to(model, size(reference["width"], t.width_ratio), size(reference["hidden"], t.mlp_ratio),
+                             cfg.criterion)
+    v = cfg.vision
+    target = {"channels": [size(c, v.width_ratio) for c in reference["channels"]],
+              "inner": [[size(w, v.mlp_ratio) for w in st] for st in reference["inner"]]}
+    return prune_vision_to(model, target, example,
+                           importance if importance is not None else make_importance(cfg.criterion), rt)
+
+
+def prune_vision_to(model: nn.Module, target: dict[str, Any], example: torch.Tensor, importance: Any,
+                    round_to: int | None = None) -> dict[str, Any]:
+    """Prune the image tower to ``target`` sizes (``channels``: stem and stages; ``inner``: per block), each group
+    keeping its most important channels by ``importance`` (a torch-pruning importance); returns the new sizes."""
+    import torch_pruning as tp
+
+    from .prune import _check_group_ignoring_output, _rel_ratio
+
     v = model.visual
     cur = sizes(model, "vision")
-
-    def ratio(ref: int, now: int, frac: float) -> float:
-        return _rel_ratio(_partial(ref, _keep(ref, frac, rt), step, steps, rt), now)
-
-    ratios: dict[nn.Module, float] = {v.conv1: ratio(reference["channels"][0], cur["channels"][0], t.width_ratio)}
+    ratios: dict[nn.Module, float] = {v.conv1: _rel_ratio(target["channels"][0], cur["channels"][0])}
     for i, stage in enumerate(v.stages):
-        r = ratio(reference["channels"][i + 1], cur["channels"][i + 1], t.width_ratio)
+        r = _rel_ratio(target["channels"][i + 1], cur["channels"][i + 1])
         for j, b in enumerate(stage):
             ratios[b.conv2] = r
             if isinstance(b.shortcut, nn.Sequential):
                 ratios[b.shortcut[0]] = r
-            ratios[b.conv1] = ratio(reference["inner"][i][j], cur["inner"][i][j], t.mlp_ratio)
+            ratios[b.conv1] = _rel_ratio(target["inner"][i][j], cur["inner"][i][j])
     if not any(r > 0 for r in ratios.values()):
         return cur
     last = v.stages[-1][-1].conv2  # its output channels are the pooled channels: their projection rows follow
     trunk = _Trunk(v)
-    pruner = tp.pruner.BasePruner(
-        trunk, example, importance if importance is not None else make_importance(cfg.criterion),
-        pruning_ratio=0.0, pruning_ratio_dict=ratios, round_to=rt, root_module_types=[nn.Conv2d])
+    pruner = tp.pruner.BasePruner(trunk, example, importance, pruning_ratio=0.0, pruning_ratio_dict=ratios,
+                                  round_to=round_to, root_module_types=[nn.Conv2d])
     dg = pruner.DG
     dg.check_pruning_group = lambda group: _check_group_ignoring_output(dg, group)
     removed: list[int] = []
@@ -171,13 +185,12 @@ def _gate_rows(units: torch.Tensor, hidden: int) -> torch.Tensor:
     return torch.cat([units + g * hidden for g in range(3)])
 
 
-def _prune_text(model: nn.Module, cfg: Any, reference: dict[str, Any], step: int, steps: int) -> dict[str, Any]:
-    from .prune import _keep, _partial
-
-    t, rt, crit = cfg.text, cfg.round_to, cfg.criterion
+def prune_text_to(model: nn.Module, width: int, hidden: int, criterion: str) -> dict[str, Any]:
+    """Prune the text tower to ``width`` token features and ``hidden`` GRU units per layer and direction, each
+    keeping its most important by ``criterion`` (see the module docstring); returns the new sizes."""
+    crit = criterion
     cur = sizes(model, "text")
-    width = _partial(reference["width"], _keep(reference["width"], t.width_ratio, rt), step, steps, rt)
-    hidden = _partial(reference["hidden"], _keep(reference["hidden"], t.mlp_ratio, rt), step, steps, rt)
+    width, hidden = min(width, cur["width"]), min(hidden, cur["hidden"])
     if width >= cur["width"] and hidden >= cur["hidden"]:
         return cur
     gru, emb, proj = model.gru, model.token_embedding, model.text_projection
