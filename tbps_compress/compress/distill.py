@@ -12,7 +12,9 @@ Weight inheritance (:func:`inherit_weights`): student layers are teacher layers 
 and last kept) or by measured importance (relative residual update on training samples); residual channels, joint
 embedding dimensions, attention heads, channels inside heads and MLP channels are the teacher's most important ones
 by weight norm (:mod:`tbps_compress.compress.importance`), not the first ones. When heads get narrower the query
-is rescaled by sqrt(new/old head width) so the kept part of every attention logit keeps its scale.
+is rescaled by sqrt(new/old head width) so the kept part of every attention logit keeps its scale. A ``stripe-gru``
+student (a CNN and a GRU, no blocks) inherits its teacher pruned to the student's widths by weight magnitude
+(:mod:`tbps_compress.compress.prune_stripe`, the same pruners as ``tbps-compress prune``); it keeps every layer.
 
 Teacher cache (:class:`TeacherCache`): the teacher's normalised embeddings of every training sample, keyed by
 (epoch, sample index). Each training sample's views are a pure function of (seed, epoch, index)
@@ -459,8 +461,10 @@ def inherit_weights(
     heads and MLP channels: the teacher's most important by weight norm. The token table (and a vocabulary map of
     a vocabulary-pruned teacher) is the teacher's; the student's ``text_cfg.vocab_size`` is set to match.
 
-    Raises :class:`InheritanceError` when the student is wider or deeper than the teacher, or differs in patch size
-    or activation.
+    A ``stripe-gru`` teacher and student: the teacher pruned to the student's widths (see :func:`_inherit_stripe`).
+
+    Raises :class:`InheritanceError` when the student is wider or deeper than the teacher, or differs in patch size,
+    activation or model family.
     """
     from ..models.config import block_sizes, validate_model_config
     from ..models.factory import build_model, config_from_model

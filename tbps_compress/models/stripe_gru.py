@@ -18,8 +18,10 @@ The module keeps the attribute names the rest of the toolkit reads from an open_
 same meaning (``visual.conv1``, ``visual.proj``, ``token_embedding``, ``text_projection``, ``logit_scale``,
 ``encode_image`` / ``encode_text(normalize=...)``), so training, evaluation, vocabulary pruning, ONNX export
 (the GRU becomes one ONNX ``GRU`` node per layer), quantisation and benchmarking treat it like any other model.
-It has no transformer blocks: structured pruning, layer inheritance and hidden-state distillation, which work on
-blocks, refuse it with an error naming the family.
+It has no transformer blocks: structured pruning (:mod:`tbps_compress.compress.prune_stripe`) narrows its widths
+instead, and a distilled student's ``init: inherit`` is its teacher pruned to the student's widths; depth pruning,
+layer selection, the module-importance probe and hidden-state distillation, which work on blocks, refuse it with an
+error naming the family.
 
 Config (``models/configs/synth-stripe-gru.json``)::
 
