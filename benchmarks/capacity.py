@@ -51,17 +51,20 @@ def _mean_sd(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.2f} ± {sd:.2f}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", type=Path, default=Path("recipes/teacher/synth-teacher.yaml"))
     ap.add_argument("--models", nargs=2, default=["synth-teacher", "synth-quarter"], metavar=("FULL", "QUARTER"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--full-seeds", type=int, nargs="+", default=None,
+                    help="seeds of the full model (default: --seeds), e.g. only the seed of an existing reference "
+                         "run when its second seed costs more than this machine has")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/capacity-benchmark"))
     ap.add_argument("--reuse", nargs="*", default=[], metavar="MODEL:SEED=FOLDER",
                     help="an existing artifact trained by the same recipe for that model and seed")
     ap.add_argument("--parallel", type=int, default=1, help="runs trained at once (one thread each when > 1)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra recipe override for every run")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     reuse: dict[tuple[str, int], Path] = {}
     for item in args.reuse:
@@ -74,7 +77,7 @@ def main() -> int:
     jobs = []
     folders: dict[tuple[str, int], Path] = {}
     for model in args.models:
-        for seed in args.seeds:
+        for seed in (args.full_seeds or args.seeds) if model == args.models[0] else args.seeds:
             folder = reuse.get((model, seed), args.out / f"{model}-s{seed}")
             folders[(model, seed)] = folder
             if not (folder / "metrics.json").exists():
@@ -98,8 +101,9 @@ def main() -> int:
     ratio = by[quarter][0]["non_embedding_params"] / by[full][0]["non_embedding_params"]
     lines = [f"# Capacity: {full} vs {quarter} ({100 * ratio:.1f}% of its non-embedding parameters)", "",
              f"Recipe `{args.recipe}`{' with ' + ', '.join(args.sets) if args.sets else ''}, seeds "
-             f"{', '.join(map(str, args.seeds))}; test split, text-to-image. Mean ± spread (population s.d.) over "
-             "seeds.", "",
+             f"{', '.join(map(str, args.seeds))}"
+             + (f" ({full}: {', '.join(map(str, args.full_seeds))})" if args.full_seeds else "")
+             + "; test split, text-to-image. Mean ± spread (population s.d.) over seeds.", "",
              "| model | non-emb. params | seeds | R@1 | R@5 | mAP | mINP | train s (mean) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in args.models:

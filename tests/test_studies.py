@@ -100,3 +100,24 @@ def test_gpu_studies_dry_run_runs_every_stage_on_cpu(benchmark_script, tiny_data
     assert (out / "bench" / "bench.md").is_file() and "| teacher |" in (out / "summary.md").read_text()
     with pytest.raises(SystemExit, match="no reid_raw.json"):
         mod.main(["--data", str(tmp_path / "none"), "--out", str(out), "--dry-run"])
+
+
+def test_capacity_trains_only_the_missing_runs_and_reports_each_models_seeds(benchmark_script, tiny_dataset: Path,
+                                                                           tiny_teacher_artifact: Path,
+                                                                           tmp_path: Path) -> None:
+    import yaml
+    from conftest import train_recipe_dict
+
+    cap = benchmark_script("capacity")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(train_recipe_dict(tiny_dataset, tmp_path / "unused",
+                                                       optim={"max_steps": 1})), encoding="utf-8")
+    out = tmp_path / "cap"
+    assert cap.main(["--recipe", str(recipe), "--models", "test-tiny", "test-tiny-stripe-gru", "--seeds", "0",
+                     "--full-seeds", "0", "--reuse", f"test-tiny:0={tiny_teacher_artifact}", "--out", str(out)]) == 0
+    result = json.loads((out / "capacity.json").read_text())
+    folders = {(r["model"], r["seed"]): r["folder"] for r in result}
+    assert folders == {("test-tiny", 0): str(tiny_teacher_artifact),
+                       ("test-tiny-stripe-gru", 0): str(out / "test-tiny-stripe-gru-s0")}
+    assert not (out / "test-tiny-s0").exists() and result[1]["steps"] == 1
+    assert "R@1 gap (test-tiny minus test-tiny-stripe-gru)" in (out / "capacity.md").read_text()
