@@ -57,24 +57,36 @@ def _kill_inner_channels(block: nn.Module, idx: list[int]) -> None:
     _zero(block.conv2.weight, idx, 1)
 
 
-def test_magnitude_removes_exactly_the_dead_channels_and_the_embeddings_stay(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = build_model(CFG).eval()
+def _random_bn_statistics(model: nn.Module) -> None:
     for m in model.modules():  # non-trivial BN statistics
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
+
+
+def _kill_a_quarter(visual: nn.Module, stem: list[int], stages: tuple[list[int], list[int]], inner: list[int],
+                    inner_last: tuple[list[int], list[int]]) -> None:
+    """Dead channels in every group of CFG's image tower: 2 of the stem's 8, 4 and 8 of the stages' 16 and 32, 4 of
+    the first block's 16 inner channels and 8 of each last-stage block's 32."""
+    _kill_stage_channels(visual, -1, stem)
+    for i, idx in enumerate(stages):
+        _kill_stage_channels(visual, i, idx)
+    _kill_inner_channels(visual.stages[0][0], inner)
+    for block, idx in zip(visual.stages[1], inner_last, strict=True):
+        _kill_inner_channels(block, idx)
+
+
+def test_magnitude_removes_exactly_the_dead_channels_and_the_embeddings_stay(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model(CFG).eval()
+    _random_bn_statistics(model)
     v = model.visual
     before = tower_sizes(model, "vision")
     assert before == {"channels": [8, 16, 32], "inner": [[16], [32, 32]]}
     # a quarter of every group, spread over the channels (the last stage's pick is not a contiguous run, so a
     # wrong mapping to the projection's rows would change the embedding)
-    _kill_stage_channels(v, -1, [1, 6])
-    _kill_stage_channels(v, 0, [0, 5, 9, 14])
-    _kill_stage_channels(v, 1, [2, 3, 11, 17, 20, 26, 29, 31])
-    _kill_inner_channels(v.stages[0][0], [4, 7, 8, 15])
-    for block, idx in zip(v.stages[1], ([1, 9, 10, 12, 18, 22, 25, 30], [0, 4, 8, 13, 19, 21, 27, 28]), strict=True):
-        _kill_inner_channels(block, idx)
+    _kill_a_quarter(v, [1, 6], ([0, 5, 9, 14], [2, 3, 11, 17, 20, 26, 29, 31]), [4, 7, 8, 15],
+                    ([1, 9, 10, 12, 18, 22, 25, 30], [0, 4, 8, 13, 19, 21, 27, 28]))
     images = torch.randn(3, 3, 64, 32)
     tokens = torch.randint(1, 200, (3, 32))
     with torch.no_grad():
@@ -265,17 +277,9 @@ def test_inheritance_keeps_the_live_channels_and_units_of_a_stripe_gru_teacher()
     cfg["text_cfg"].update({"layers": 2, "width": 16, "hidden": 8})
     torch.manual_seed(2)
     teacher = build_model(cfg).eval()
-    for m in teacher.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    v = teacher.visual
-    _kill_stage_channels(v, -1, [0, 5])
-    _kill_stage_channels(v, 0, [1, 4, 10, 13])
-    _kill_stage_channels(v, 1, [0, 7, 8, 15, 16, 23, 24, 31])
-    _kill_inner_channels(v.stages[0][0], [2, 3, 9, 11])
-    for block, idx in zip(v.stages[1], ([3, 5, 6, 14, 17, 19, 27, 29], [1, 2, 11, 12, 20, 24, 26, 30]), strict=True):
-        _kill_inner_channels(block, idx)
+    _random_bn_statistics(teacher)
+    _kill_a_quarter(teacher.visual, [0, 5], ([1, 4, 10, 13], [0, 7, 8, 15, 16, 23, 24, 31]), [2, 3, 9, 11],
+                    ([3, 5, 6, 14, 17, 19, 27, 29], [1, 2, 11, 12, 20, 24, 26, 30]))
     for (layer, direction), idx in {(0, 0): [0, 5], (0, 1): [2, 7], (1, 0): [1, 3], (1, 1): [6, 4]}.items():
         _kill_gru_units(teacher, layer, direction, idx)
     _zero(teacher.token_embedding.weight, [0, 5, 7, 15], 1)
