@@ -177,6 +177,12 @@ def teacher_row(teacher: Path, data: Path, device: str) -> dict[str, Any]:
             "parameters": count_parameters(load_model(art, verify=False)), "macs": count_macs(art.model_config)}
 
 
+def _seed_label(artifact: str) -> str:
+    """``s1 `` for a run folder ``NAME-s1`` (a study run with a seed), else nothing."""
+    tail = Path(artifact).name.rsplit("-s", 1)
+    return f"s{tail[1]} " if len(tail) == 2 and tail[1].isdigit() else ""
+
+
 def _fmt_table(teacher: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
     t_ne = teacher["parameters"]["non_embedding"]
     t_r1 = teacher["test"].get("R1", float("nan"))
@@ -188,7 +194,8 @@ def _fmt_table(teacher: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
         t = r["test"]
         ne = r["parameters"]["non_embedding"]
         macs = sum(r["macs"].values())
-        seeds = ", ".join(f"{v:.2f}" for v in r.get("R1_seeds", [])) or "-"
+        seeds = ", ".join(f"{_seed_label(s['artifact'])}{v:.2f}"
+                          for s, v in zip(r.get("seeds", []), r.get("R1_seeds", []), strict=True)) or "-"
         return (f"| {name} | {init} | {kd} | {t.get('R1', float('nan')):.2f} | {seeds} | "
                 f"{t.get('R5', float('nan')):.2f} | "
                 f"{t.get('mAP', float('nan')):.2f} | {t.get('mINP', float('nan')):.2f} | "
@@ -246,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds; every variant runs once per seed "
                                                  "(default: the recipe's seed, once)")
     p.add_argument("--force", action="store_true", help="retrain variants that already finished")
+    p.add_argument("--only-finished", action="store_true",
+                   help="train nothing: tabulate the runs that finished (a variant's missing seeds are left out of "
+                        "its row, a variant without any is dropped)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -268,9 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         runs = []
         for seed in seeds:
+            recipe = variant_recipe(base, name, args, epochs, seed)
+            if args.only_finished and not (Path(recipe.output) / "lineage.json").exists():
+                log.info("=== variant %s%s: not run, left out (--only-finished)", name,
+                         "" if seed is None else f", seed {seed}")
+                continue
             log.info("=== variant %s%s", name, "" if seed is None else f", seed {seed}")
-            runs.append(run_variant(variant_recipe(base, name, args, epochs, seed), args.force))
-        rows[name] = combine_seeds(runs)
+            runs.append(run_variant(recipe, args.force and not args.only_finished))
+        if runs:
+            rows[name] = combine_seeds(runs)
     from tbps_compress.data.readers import load_dataset
 
     queries = sum(len(r.captions) for r in load_dataset(Path(args.data)).split("test"))

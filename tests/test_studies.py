@@ -28,6 +28,16 @@ def test_distill_study_runs_each_variant_per_seed(benchmark_script, tiny_teacher
     assert any("more than 3 seed spreads" in c["check"] for c in result["acceptance"])
     table = (out / "distill_study.md").read_text()
     assert "| R@1 per seed |" in table and "standard error" in table
+    r1 = result["variants"]["scratch"]["R1_seeds"]
+    assert f"s0 {r1[0]:.2f}, s1 {r1[1]:.2f}" in table
+    # tabulating what finished: a seed that never ran is left out, nothing is trained
+    rc = study.main(["--teacher", str(tiny_teacher_artifact), "--data", str(tiny_dataset), "--out", str(out),
+                     "--steps", "2", "--batch-size", "8", "--variants", "scratch,inherit+kd,inherit",
+                     "--seeds", "0,1,2", "--only-finished", "--set", "student.config=test-tiny", "--set", "student.inline.text.layers=1"])
+    assert rc == 0
+    again = json.loads((out / "distill_study.json").read_text())
+    assert set(again["variants"]) == {"scratch", "inherit+kd"} and again["variants"]["scratch"]["R1_seeds"] == r1
+    assert not (out / "runs" / "scratch-s2").exists() and not (out / "runs" / "inherit-s0").exists()
 
 
 def test_distill_study_starts_the_pruned_variant_from_the_given_artifact(benchmark_script, tiny_teacher_artifact: Path,
