@@ -33,7 +33,8 @@ def test_distill_study_runs_each_variant_per_seed(benchmark_script, tiny_teacher
     # tabulating what finished: a seed that never ran is left out, nothing is trained
     rc = study.main(["--teacher", str(tiny_teacher_artifact), "--data", str(tiny_dataset), "--out", str(out),
                      "--steps", "2", "--batch-size", "8", "--variants", "scratch,inherit+kd,inherit",
-                     "--seeds", "0,1,2", "--only-finished", "--set", "student.config=test-tiny", "--set", "student.inline.text.layers=1"])
+                     "--seeds", "0,1,2", "--only-finished", "--set", "student.config=test-tiny",
+                     "--set", "student.inline.text.layers=1"])
     assert rc == 0
     again = json.loads((out / "distill_study.json").read_text())
     assert set(again["variants"]) == {"scratch", "inherit+kd"} and again["variants"]["scratch"]["R1_seeds"] == r1
