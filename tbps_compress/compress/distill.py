@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from ..config import Strict
 from ..errors import ConfigError, UserError
+from ..models.config import model_family
 from ..models.factory import tower_blocks
 from ..models.meta import meta_of, set_meta
 from ..models.vocab import prune_vocabulary, vocabulary_captions
@@ -244,8 +245,6 @@ def _check_fits(s_cfg: dict[str, Any], t_cfg: dict[str, Any], teacher_name: str)
         raise InheritanceError(
             f"student {key}: {s} is {what} the teacher's {t} ({teacher_name}); weight inheritance needs a student "
             "no wider or deeper than its teacher: shrink the student or use student.init: random")
-
-    from ..models.config import model_family
 
     if model_family(s_cfg) != model_family(t_cfg):
         raise InheritanceError(
@@ -477,8 +476,6 @@ def inherit_weights(
         log.info("student vocab_size %d -> %d (the teacher's token table)", s_cfg["text_cfg"]["vocab_size"], vocab)
         s_cfg["text_cfg"]["vocab_size"] = vocab
     plan = plan if plan is not None else InheritancePlan()
-    from ..models.config import model_family
-
     if model_family(s_cfg) == model_family(t_cfg) == "stripe-gru":
         return _inherit_stripe(teacher, t_cfg, s_cfg, teacher_name, plan, layer_selection)
     _check_fits(s_cfg, t_cfg, teacher_name)
@@ -771,8 +768,6 @@ def build_student(recipe: DistillRecipe, teacher: nn.Module, ds: Any, train_reco
         torch.manual_seed(recipe.seed)
         return build_model(cfg)
     scores = None
-    from ..models.config import model_family
-
     if st.layer_selection == "importance" and model_family(t_cfg) == "clip":
         images, tokens = _importance_batch(teacher, ds, train_records, st.importance_samples)
         scores = imp.layer_scores(teacher, images, tokens)

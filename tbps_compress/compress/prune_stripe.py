@@ -188,7 +188,6 @@ def _gate_rows(units: torch.Tensor, hidden: int) -> torch.Tensor:
 def prune_text_to(model: nn.Module, width: int, hidden: int, criterion: str) -> dict[str, Any]:
     """Prune the text tower to ``width`` token features and ``hidden`` GRU units per layer and direction, each
     keeping its most important by ``criterion`` (see the module docstring); returns the new sizes."""
-    crit = criterion
     cur = sizes(model, "text")
     width, hidden = min(width, cur["width"]), min(hidden, cur["hidden"])
     if width >= cur["width"] and hidden >= cur["hidden"]:
@@ -198,22 +197,22 @@ def prune_text_to(model: nn.Module, width: int, hidden: int, criterion: str) -> 
     w = {name: p for name, p in gru.named_parameters()}
     dirs = ("", "_reverse")
     # the embedding's columns: their own weights and the first layer's input columns, both directions
-    e_score = _elementwise(emb.weight, crit).sum(0)
+    e_score = _elementwise(emb.weight, criterion).sum(0)
     for d in dirs:
-        e_score = e_score + _elementwise(w[f"weight_ih_l0{d}"], crit).sum(0)
-    cols = _top(e_score, width, crit) if width < cur["width"] else torch.arange(cur["width"])
+        e_score = e_score + _elementwise(w[f"weight_ih_l0{d}"], criterion).sum(0)
+    cols = _top(e_score, width, criterion) if width < cur["width"] else torch.arange(cur["width"])
     keep: list[list[torch.Tensor]] = []
     for layer in range(layers):
         nxt = [w[f"weight_ih_l{layer + 1}{d}"] for d in dirs] if layer + 1 < layers else None
         per_dir = []
         for k, d in enumerate(dirs):
-            own = sum(_elementwise(w[f"{n}_l{layer}{d}"], crit).view(3, h_old, -1).sum(2)
+            own = sum(_elementwise(w[f"{n}_l{layer}{d}"], criterion).view(3, h_old, -1).sum(2)
                       for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if f"{n}_l{layer}{d}" in w)
-            score = own.sum(0) + _elementwise(w[f"weight_hh_l{layer}{d}"], crit).sum(0)
-            readers = [_elementwise(x, crit)[:, k * h_old:(k + 1) * h_old].sum(0) for x in nxt] if nxt else \
-                [_elementwise(proj, crit)[k * h_old:(k + 1) * h_old].sum(1)]
+            score = own.sum(0) + _elementwise(w[f"weight_hh_l{layer}{d}"], criterion).sum(0)
+            readers = [_elementwise(x, criterion)[:, k * h_old:(k + 1) * h_old].sum(0) for x in nxt] if nxt else \
+                [_elementwise(proj, criterion)[k * h_old:(k + 1) * h_old].sum(1)]
             score = score + sum(readers)
-            per_dir.append(_top(score, hidden, crit) if hidden < h_old else torch.arange(h_old))
+            per_dir.append(_top(score, hidden, criterion) if hidden < h_old else torch.arange(h_old))
         keep.append(per_dir)
     new = nn.GRU(width, hidden, num_layers=layers, batch_first=gru.batch_first, bidirectional=True,
                  bias=gru.bias)
